@@ -1,0 +1,267 @@
+"""Load a job spec from YAML with positions, so that every error names its line and column.
+
+The YAML is composed into nodes first (not loaded straight into dicts) to keep each value's
+start mark; pydantic's error locations are then mapped back to ``file:line:col``. Overrides
+from ``--set a.b=c`` are applied before validation and reported as their own origin.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from fljob.spec.models import JobSpec
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec: where, which field, what to do about it."""
+
+    origin: str  # "spec.yaml:12:3" or "--set training.steps=x"
+    field: str  # dotted path, e.g. "optimizer.lr"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.origin}: {self.field or '(top level)'}: {self.message}"
+
+
+class SpecError(Exception):
+    """The spec cannot be used; carries every problem found, each with its position."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        n = len(self.problems)
+        head = f"{self.source} is not a valid fljob job spec ({n} problem{'s' if n != 1 else ''}):"
+        return "\n".join([head, *(f"  {p}" for p in self.problems)])
+
+
+# --------------------------------------------------------------------------- YAML with marks
+
+
+def _compose(text: str, source: str) -> tuple[Any, dict[Loc, str]]:
+    """Parse YAML into plain data plus a map from each value's location to 'file:line:col'."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise SpecError(source, [Problem(where, "", f"YAML syntax error: {exc.problem}. Fix the YAML syntax there.")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(source, [Problem(source, "", f"YAML error: {exc}")]) from None
+    positions: dict[Loc, str] = {}
+    problems: list[Problem] = []
+    constructor = yaml.SafeLoader("")  # only its constructor is used: scalar tags -> Python values
+
+    def mark(node: yaml.Node) -> str:
+        return f"{source}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+    def build(node: yaml.Node, loc: Loc) -> Any:
+        positions.setdefault(loc, mark(node))
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    problems.append(Problem(mark(key_node), _dotted(loc), "keys must be plain names"))
+                    continue
+                key = constructor.construct_object(key_node)
+                if key in out:
+                    problems.append(Problem(mark(key_node), _dotted((*loc, key)), "duplicate key; keep only one"))
+                positions[(*loc, key)] = mark(key_node)
+                out[key] = build(value_node, (*loc, key))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [build(child, (*loc, i)) for i, child in enumerate(node.value)]
+        return constructor.construct_object(node)
+
+    data = None if root is None else build(root, ())
+    if problems:
+        raise SpecError(source, problems)
+    return data, positions
+
+
+def _dotted(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[Loc, Any]:
+    """'a.b.0.c=value' -> (('a', 'b', 0, 'c'), value parsed as YAML)."""
+    if "=" not in text:
+        raise SpecError("--set", [Problem(f"--set {text}", "", "expected KEY=VALUE, e.g. --set training.steps=100")])
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise SpecError("--set", [Problem(f"--set {text}", key, "the key must be a dotted path like training.steps")])
+    loc = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return loc, value
+
+
+def apply_override(data: dict[str, Any], loc: Loc, value: Any, origin: str) -> None:
+    """Set data[loc] = value, creating mappings on the way; lists are indexed, never grown."""
+    node: Any = data
+    for i, part in enumerate(loc[:-1]):
+        nxt = loc[i + 1]
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise SpecError("--set", [Problem(origin, _dotted(loc[: i + 1]), f"no list item {part} to set")])
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise SpecError("--set", [Problem(origin, _dotted(loc[:i]), "is not a mapping, cannot set a field inside it")])
+        node = node.setdefault(part, [] if isinstance(nxt, int) else {})
+    last = loc[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise SpecError("--set", [Problem(origin, _dotted(loc), f"no list item {last} to set")])
+        node[last] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise SpecError("--set", [Problem(origin, _dotted(loc[:-1]), "is not a mapping, cannot set a field inside it")])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model or container type inside Optional[...] / Annotated[...]."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else annotation
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    return annotation
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The pydantic model class that owns the keys at `loc` (None for free-form mappings)."""
+    current: Any = JobSpec
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif typing.get_origin(current) in (list, tuple) and isinstance(part, int):
+            current = typing.get_args(current)[0]
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc: Loc = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        known = sorted(owner.model_fields) if owner else []
+        hint = _suggest(str(loc[-1]), known)
+        listing = f" Known fields here: {', '.join(known)}." if known else ""
+        return f"unknown field {str(loc[-1])!r}.{hint}{listing} Remove or rename it."
+    if kind == "missing":
+        return "required field is missing; add it."
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        choices = [c.strip().strip("'") for c in expected.replace(" or ", ",").split(",") if c.strip()]
+        got = str(err.get("input"))
+        return f"{got!r} is not allowed; use one of {expected}.{_suggest(got, choices)}"
+    if kind == "value_error":
+        return err["msg"].removeprefix("Value error, ").rstrip(".") + "."
+    return f"{err['msg']} (got {err.get('input')!r}); fix the value."
+
+
+def _origin(loc: Loc, positions: dict[Loc, str], source: str) -> str:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in positions:
+            return positions[loc[:n]]
+    return source
+
+
+def _field_loc(loc: Loc) -> Loc:
+    """Drop pydantic's synthetic location parts (e.g. 'function-after[...]')."""
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ()) -> JobSpec:
+    """Validate YAML text (plus `--set` overrides) into a JobSpec, or raise SpecError."""
+    data, positions = _compose(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(source, [Problem(f"{source}:1:1", "", "the spec must be a YAML mapping of fields")])
+    for text_override in overrides:
+        loc, value = parse_override(text_override)
+        origin = f"--set {text_override}"
+        apply_override(data, loc, value, origin)
+        for known in [k for k in positions if k[: len(loc)] == loc]:
+            positions[known] = origin
+        positions[loc] = origin
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = _field_loc(tuple(err["loc"]))
+            problems.append(Problem(_origin(loc, positions, source), _dotted(loc), _describe({**err, "loc": loc})))
+        problems.sort(key=lambda p: _line_col(p.origin))
+        raise SpecError(source, problems) from None
+
+
+def _line_col(origin: str) -> tuple[int, int]:
+    """Sort key: problems in file order, overrides last."""
+    parts = origin.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        return int(parts[1]), int(parts[2])
+    return (1 << 30, 0)
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read and validate a spec file (see load_spec_text)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(str(p), [Problem(str(p), "", f"cannot read the spec: {exc.strerror}. Check the path.")]) from None
+    except UnicodeDecodeError:
+        raise SpecError(str(p), [Problem(str(p), "", "the spec is not UTF-8 text")]) from None
+    return load_spec_text(text, str(p), overrides)
+
+
+def dump_spec(spec: JobSpec) -> str:
+    """The resolved spec as YAML, byte-stable, for shipping beside the job."""
+    header = "# Resolved fljob job spec: every default filled in. Shipped with the job; the trainer reads it.\n"
+    return header + yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=100)

@@ -1,0 +1,513 @@
+"""The fljob job spec: one YAML document, validated by these models, drives every backend.
+
+Conventions that keep the spec safe to render into shell scripts and manifests:
+- unknown keys are errors (``extra="forbid"``), so a typo never silently means "default";
+- names that become Kubernetes objects are DNS-1035 labels of at most 63 characters;
+- credentials are *references* (an environment variable name, a Kubernetes Secret key or a
+  file path); no model has a field that could hold a credential value.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+K8S_QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+SECRET_LIKE_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY)")
+# Kubernetes label keys: optional DNS-1123 prefix and a name of at most 63 characters.
+LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+# The suffixes the renderers append to `name`; every derived object name must stay within 63.
+DERIVED_NAME_SUFFIXES = ("-spec", "-metrics", "-master-0", "-worker-99")
+
+OPTIMIZER_NAMES = ("adopt", "qhadamw", "qhadopt", "decoupled_adamw", "adamw")
+
+
+class Strict(BaseModel):
+    """Base for every spec section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _check_dns1035(value: str, what: str) -> str:
+    if len(value) > 63:
+        raise ValueError(f"{what} must be at most 63 characters (got {len(value)})")
+    if not DNS1035.match(value):
+        raise ValueError(
+            f"{what} must be a DNS-1035 label: lowercase letters, digits and '-', starting with a "
+            f"letter and ending with a letter or digit (got {value!r})"
+        )
+    return value
+
+
+def _check_labels(labels: dict[str, str], what: str) -> dict[str, str]:
+    for key, value in labels.items():
+        if not LABEL_KEY.match(key) or len(key.rsplit("/", 1)[-1]) > 63:
+            raise ValueError(f"{what} key {key!r} is not a valid Kubernetes label key")
+        if len(value) > 63 or not LABEL_VALUE.match(value):
+            raise ValueError(
+                f"{what} value {value!r} for {key!r} is not a valid Kubernetes label value "
+                "(at most 63 characters: letters, digits, '-', '_', '.', alphanumeric at both ends)"
+            )
+    return labels
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+class KubernetesSecretKey(Strict):
+    """A key of a Kubernetes Secret in the job's namespace."""
+
+    name: str = Field(description="Secret name (a DNS-1123 subdomain).")
+    key: str = Field(description="Key inside the Secret.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if len(v) > 253 or not DNS1123_SUBDOMAIN.match(v):
+            raise ValueError(f"Secret name {v!r} is not a valid DNS-1123 subdomain")
+        return v
+
+
+class SecretRef(Strict):
+    """Where a secret value lives. The value itself never appears in the spec or any render.
+
+    Each backend uses the reference it can: Kubernetes injects ``k8s_secret`` into the variable
+    named by ``env``; SLURM and the local backend pass ``env`` through from the submitting
+    environment; ``file`` (read on the node at run time) wins over ``env`` when both are set.
+    """
+
+    env: str | None = Field(None, description="Environment variable that holds the value at run time.")
+    k8s_secret: KubernetesSecretKey | None = Field(None, description="Kubernetes Secret key to inject.")
+    file: str | None = Field(None, description="Path, readable on every node, whose content is the value.")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        if v is not None and not ENV_NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid environment variable name")
+        return v
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> SecretRef:
+        if self.env is None and self.k8s_secret is None and self.file is None:
+            raise ValueError("a secret reference needs at least one of env, k8s_secret or file")
+        return self
+
+
+# --------------------------------------------------------------------------- resources
+
+
+class Resources(Strict):
+    nodes: int = Field(1, ge=1, le=4096, description="Number of nodes (hosts).")
+    gpus_per_node: int = Field(0, ge=0, le=64, description="GPUs per node; 0 trains on CPU.")
+    procs_per_node: int | None = Field(
+        None, ge=1, le=256,
+        description="Trainer processes per node; defaults to gpus_per_node, or 1 on CPU.",
+    )
+    cpus_per_node: int | None = Field(None, ge=1, description="CPU cores to request per node.")
+    memory_gib: int | None = Field(
+        None, ge=1, description="Memory per node in GiB; unset asks for the site default."
+    )
+
+    @property
+    def nproc_per_node(self) -> int:
+        return self.procs_per_node or max(self.gpus_per_node, 1)
+
+    @model_validator(mode="after")
+    def _procs_match_gpus(self) -> Resources:
+        if self.gpus_per_node and self.procs_per_node and self.procs_per_node != self.gpus_per_node:
+            raise ValueError(
+                f"procs_per_node ({self.procs_per_node}) must equal gpus_per_node "
+                f"({self.gpus_per_node}): fljob runs one trainer process per GPU"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- SLURM
+
+
+class SlurmContainer(Strict):
+    runtime: Literal["none", "pyxis", "apptainer"] = Field(
+        "none", description="How the step runs the image: bare, pyxis/enroot, or apptainer exec."
+    )
+    image: str | None = Field(
+        None, description="Image for this runtime (an enroot URI/squashfs or .sif); defaults to `image`."
+    )
+    mounts: list[str] = Field(default_factory=list, description="Bind mounts 'src:dst[:ro]'.")
+    workdir: str | None = Field(None, description="Working directory inside the container.")
+
+    @field_validator("mounts")
+    @classmethod
+    def _mounts(cls, v: list[str]) -> list[str]:
+        for m in v:
+            parts = m.split(":")
+            if len(parts) not in (2, 3) or not all(parts[:2]) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+                raise ValueError(f"mount {m!r} must look like 'src:dst' or 'src:dst:ro'")
+            if "," in m:
+                raise ValueError(f"mount {m!r} must not contain ',' (pyxis separates mounts with it)")
+        return v
+
+
+class Slurm(Strict):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = Field(
+        "01:00:00",
+        description="Wall-clock limit, always explicit: 'MM', 'HH:MM:SS' or 'D-HH:MM:SS'.",
+    )
+    constraint: str | None = None
+    exclusive: bool = False
+    gpu_directive: Literal["gpus-per-node", "gres"] = Field(
+        "gpus-per-node", description="'gres' for sites whose SLURM rejects --gpus-per-node."
+    )
+    container: SlurmContainer = Field(default_factory=SlurmContainer)
+    max_restarts: int = Field(
+        3, ge=0, le=100, description="Requeue budget: requeue while SLURM_RESTART_COUNT is below this."
+    )
+    signal: Literal["USR2", "TERM", "USR1"] = Field(
+        "USR2", description="Pre-kill signal (USR2: NCCL's proxy thread catches USR1)."
+    )
+    grace_seconds: int = Field(
+        120, ge=10, le=65535, description="Seconds before the time limit when the signal arrives."
+    )
+    rdzv_port: int = Field(29500, ge=1024, le=65535, description="c10d rendezvous port on the first node.")
+    wait_seconds: int = Field(60, ge=0, description="srun --wait: how long the other tasks may outlive the first exit.")
+    extra_sbatch: dict[str, str] = Field(
+        default_factory=dict, description="More #SBATCH options, e.g. {reservation: big}."
+    )
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if v.upper() in ("UNLIMITED", "INFINITE") or not SLURM_TIME.match(v):
+            raise ValueError(
+                f"time {v!r} must be an explicit limit like '04:00:00' or '1-00:00:00' (never UNLIMITED)"
+            )
+        return v
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra(cls, v: dict[str, str]) -> dict[str, str]:
+        reserved = {"job-name", "nodes", "ntasks-per-node", "signal", "requeue", "open-mode", "output", "error"}
+        for key, value in v.items():
+            if not re.match(r"^[a-z][a-z0-9-]*$", key):
+                raise ValueError(f"extra_sbatch key {key!r} must be a long option name like 'reservation'")
+            if key in reserved:
+                raise ValueError(f"extra_sbatch must not set {key!r}: fljob owns it (set the spec field instead)")
+            if "\n" in value or "\r" in value:
+                raise ValueError(f"extra_sbatch value for {key!r} must be one line")
+        return v
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+class Toleration(Strict):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class PodMonitorSpec(Strict):
+    enabled: bool = True
+    labels: dict[str, str] = Field(
+        default_factory=lambda: {"release": "kube-prometheus-stack"},
+        description="Labels that your Prometheus operator selects PodMonitors by.",
+    )
+    interval: str = "15s"
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_labels(v, "podmonitor label")
+
+
+class Kubernetes(Strict):
+    namespace: str = "default"
+    service_account: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: dict | None = Field(None, description="A Kubernetes Affinity object, as in a pod spec.")
+    priority_class: str | None = None
+    queue: str | None = Field(None, description="Scheduling queue (Volcano/Kueue), runPolicy.schedulingPolicy.queue.")
+    scheduler_name: str | None = None
+    shm_size: str = Field("16Gi", description="Size of the memory-backed /dev/shm.")
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    restart_policy: Literal["OnFailure", "ExitCode", "Never", "Always"] = Field(
+        "ExitCode",
+        description="ExitCode restarts only on retryable codes (the trainer's requeue code, signals).",
+    )
+    backoff_limit: int = Field(3, ge=0)
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    ttl_seconds_after_finished: int | None = Field(86400, ge=0)
+    clean_pod_policy: Literal["All", "Running", "None"] = "All"
+    termination_grace_seconds: int = Field(120, ge=0)
+    pod_monitor: PodMonitorSpec = Field(default_factory=PodMonitorSpec)
+
+    @field_validator("namespace")
+    @classmethod
+    def _ns(cls, v: str) -> str:
+        return _check_dns1035(v, "namespace")
+
+    @field_validator("shm_size")
+    @classmethod
+    def _shm(cls, v: str) -> str:
+        if not K8S_QUANTITY.match(v):
+            raise ValueError(f"shm_size {v!r} must be a Kubernetes quantity like '16Gi'")
+        return v
+
+    @field_validator("labels", "node_selector")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_labels(v, "label")
+
+
+# --------------------------------------------------------------------------- training
+
+
+class ModelSpec(Strict):
+    flavor: str = Field("tiny", description="Model flavor, named by its parameter count (see `fljob flavors`).")
+    mup: bool = Field(True, description="muP parametrisation; false gives the standard one (the baseline).")
+    attention_scale: Literal["mup", "standard"] = Field(
+        "mup", description="'mup' scales attention logits by 1/d, 'standard' by 1/sqrt(d)."
+    )
+    input_alpha: float = Field(1.0, gt=0)
+    output_alpha: float = Field(1.0, gt=0)
+    depth_alpha_exp: float = Field(1.0, ge=0, le=1, description="CompleteP residual scaling exponent.")
+    init_std: float = Field(0.02, gt=0)
+    tie_embeddings: bool = False
+
+
+class Optimizer(Strict):
+    name: Literal["adopt", "qhadamw", "qhadopt", "decoupled_adamw", "adamw"] = "adamw"
+    lr: float = Field(3e-3, gt=0, description="Base learning rate at the base width; muP groups scale it.")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    nus: tuple[float, float] = Field((0.7, 1.0), description="Quasi-hyperbolic nu1, nu2 (qhadamw, qhadopt).")
+    implementation: Literal["foreach", "single_tensor"] = "foreach"
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+
+    @field_validator("betas", "nus")
+    @classmethod
+    def _unit_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= x <= 1.0 for x in v):
+            raise ValueError(f"{v} must be two numbers in [0, 1]")
+        return v
+
+
+class Schedule(Strict):
+    warmup_steps: int = Field(0, ge=0)
+    decay_type: Literal["linear", "sqrt", "cosine"] = "linear"
+    decay_ratio: float | None = Field(
+        None, gt=0, le=1, description="Fraction of steps spent decaying (WSD); unset decays after warm-up."
+    )
+    min_lr_factor: float = Field(0.0, ge=0, le=1)
+
+
+class Training(Strict):
+    steps: int = Field(50, ge=1)
+    local_batch_size: int = Field(8, ge=1)
+    global_batch_size: int | None = Field(None, ge=1, description="Set for gradient accumulation.")
+    seq_len: int = Field(128, ge=8)
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype of the forward/backward.")
+    compile: bool = False
+    activation_checkpoint: Literal["none", "selective", "full"] = "none"
+    seed: int = 0
+    deterministic: bool = False
+    log_interval: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Parallelism(Strict):
+    data_parallel_shard_degree: int = Field(-1, description="FSDP degree; -1 uses what is left.")
+    data_parallel_replicate_degree: int = Field(1, ge=1)
+    tensor_parallel_degree: int = Field(1, ge=1)
+
+    @field_validator("data_parallel_shard_degree")
+    @classmethod
+    def _shard(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("data_parallel_shard_degree must be -1 (the rest) or a positive number")
+        return v
+
+
+class DataStream(Strict):
+    uri: str = Field(description="MDS dataset: an s3:// URI or a local folder.")
+    proportion: float | None = Field(None, gt=0, description="Share of samples from this stream.")
+
+
+class Data(Strict):
+    streams: list[DataStream] = Field(
+        default_factory=list,
+        description="MDS streams; empty trains on the bundled text, prepared into run_dir/data.",
+    )
+    tokenizer: str | None = Field(None, description="tokenizer.json path or URI; unset trains a small BPE.")
+    shuffle_seed: int = 9176
+    predownload: int | None = Field(None, ge=1)
+    cache_limit: str | None = Field(None, description="Local cache limit, e.g. '20gb'.")
+    local_cache: str | None = Field(None, description="Local cache folder; defaults under run_dir.")
+    num_workers: int = Field(0, ge=0)
+
+
+class Checkpoint(Strict):
+    uri: str | None = Field(
+        None, description="s3://bucket/prefix, file:///path or a path; unset writes run_dir/checkpoints."
+    )
+    interval_steps: int = Field(500, ge=1)
+    keep_latest: int = Field(3, ge=1, description="Committed steps to keep.")
+    async_save: bool = False
+    resume: bool = Field(True, description="Resume from the latest committed step when one exists.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in ("", "s3", "file"):
+            raise ValueError(f"checkpoint uri {v!r} must be s3://..., file://... or a path")
+        return v
+
+
+class Pushgateway(Strict):
+    url: str = Field(description="Pushgateway base URL, e.g. http://pushgateway:9091")
+    interval_seconds: float = Field(15.0, gt=0)
+
+
+class Metrics(Strict):
+    enabled: bool = True
+    port: int = Field(9464, ge=1024, le=65535, description="Rank 0 serves /metrics here.")
+    optimizer_interval: int = Field(10, ge=1, description="Steps between optimizer statistics.")
+    pushgateway: Pushgateway | None = None
+    file_sd_dir: str | None = Field(
+        None, description="SLURM: shared folder where the job writes its Prometheus file_sd target."
+    )
+
+
+class Storage(Strict):
+    """Object storage (S3 API) used by data streams and checkpoints."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint; unset uses AWS.")
+    region: str = "us-east-1"
+    access_key_id: SecretRef | None = None
+    secret_access_key: SecretRef | None = None
+    session_token: SecretRef | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> Storage:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both access_key_id and secret_access_key references, or neither")
+        return self
+
+    def credential_refs(self) -> dict[str, SecretRef]:
+        """The referenced credentials under the variable names boto3 and s3fs read."""
+        named = {
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_SESSION_TOKEN": self.session_token,
+        }
+        return {k: v for k, v in named.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class JobSpec(Strict):
+    """A pretraining job: what to train, how, and where it runs."""
+
+    name: str = Field(description="Job name: a DNS-1035 label; Kubernetes objects derive from it.")
+    image: str | None = Field(None, description="Container image (required on Kubernetes and containerised SLURM).")
+    run_dir: str = Field(
+        "runs/{name}",
+        description="Where a run writes logs, metrics.jsonl and local files ('{name}' expands); "
+        "on SLURM it must be on a filesystem shared by all nodes.",
+    )
+    resources: Resources = Field(default_factory=Resources)
+    slurm: Slurm = Field(default_factory=Slurm)
+    kubernetes: Kubernetes = Field(default_factory=Kubernetes)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    schedule: Schedule = Field(default_factory=Schedule)
+    training: Training = Field(default_factory=Training)
+    parallelism: Parallelism = Field(default_factory=Parallelism)
+    data: Data = Field(default_factory=Data)
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+    metrics: Metrics = Field(default_factory=Metrics)
+    storage: Storage = Field(default_factory=Storage)
+    env: dict[str, str] = Field(default_factory=dict, description="Plain environment variables for every process.")
+    secret_env: dict[str, SecretRef] = Field(
+        default_factory=dict, description="Environment variables whose values come from secret references."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        _check_dns1035(v, "name")
+        longest = max(DERIVED_NAME_SUFFIXES, key=len)
+        if len(v) + len(longest) > 63:
+            raise ValueError(
+                f"name must be at most {63 - len(longest)} characters so that derived objects such as "
+                f"'{v}{longest}' stay within Kubernetes' 63-character limit (got {len(v)})"
+            )
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if SECRET_LIKE_ENV.search(key.upper()):
+                raise ValueError(
+                    f"{key!r} looks like a secret: move it to secret_env with a reference "
+                    f"(e.g. secret_env: {{{key}: {{env: {key}}}}}) so its value is never written anywhere"
+                )
+        return v
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_env(cls, v: dict[str, SecretRef]) -> dict[str, SecretRef]:
+        for key in v:
+            if not ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        overlap = set(self.env) & (set(self.secret_env) | set(self.storage.credential_refs()))
+        if overlap:
+            raise ValueError(f"env sets {sorted(overlap)}, which a secret reference also sets; keep one")
+        tp = self.parallelism.tensor_parallel_degree
+        world = self.resources.nodes * self.resources.nproc_per_node
+        if world % tp:
+            raise ValueError(
+                f"parallelism.tensor_parallel_degree ({tp}) must divide the world size "
+                f"(nodes x procs per node = {world})"
+            )
+        return self
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def resolved_run_dir(self) -> str:
+        return self.run_dir.replace("{name}", self.name)
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.nodes * self.resources.nproc_per_node
+
