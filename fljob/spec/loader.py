@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from fljob.errors import UsageError
 from fljob.spec.models import JobSpec
 
 Loc = tuple[str | int, ...]
@@ -34,7 +35,7 @@ class Problem:
         return f"{self.origin}: {self.field or '(top level)'}: {self.message}"
 
 
-class SpecError(Exception):
+class SpecError(UsageError):
     """The spec cannot be used; carries every problem found, each with its position."""
 
     def __init__(self, source: str, problems: list[Problem]):

@@ -18,6 +18,8 @@ DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+# A value on an #SBATCH line: sbatch reads these lines itself, so keep them to one plain word.
+SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,:;|&@%+=*!/()\[\]<>-]+$")
 K8S_QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 SECRET_LIKE_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY)")
 # Kubernetes label keys: optional DNS-1123 prefix and a name of at most 63 characters.
@@ -185,6 +187,15 @@ class Slurm(Strict):
         default_factory=dict, description="More #SBATCH options, e.g. {reservation: big}."
     )
 
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _directive_word(cls, v: str | None) -> str | None:
+        if v is not None and not SLURM_WORD.match(v):
+            raise ValueError(
+                f"{v!r} must be one word of letters, digits and SLURM's operators (no spaces or quotes)"
+            )
+        return v
+
     @field_validator("time")
     @classmethod
     def _time(cls, v: str) -> str:
@@ -203,8 +214,10 @@ class Slurm(Strict):
                 raise ValueError(f"extra_sbatch key {key!r} must be a long option name like 'reservation'")
             if key in reserved:
                 raise ValueError(f"extra_sbatch must not set {key!r}: fljob owns it (set the spec field instead)")
-            if "\n" in value or "\r" in value:
-                raise ValueError(f"extra_sbatch value for {key!r} must be one line")
+            if not SLURM_WORD.match(value):
+                raise ValueError(
+                    f"extra_sbatch value {value!r} for {key!r} must be one word (no spaces, quotes or newlines)"
+                )
         return v
 
 

@@ -1,0 +1,72 @@
+"""What every backend shares: rendered files, backend-specific spec checks, job handles.
+
+A backend is a pure ``render(spec) -> [RenderedFile]`` plus thin I/O (submit, status, logs,
+cancel) around the rendered artifact; ``fljob render`` shows exactly what ``fljob submit``
+would send.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fljob import __version__
+from fljob.errors import UsageError
+
+# What the job's processes run: the trainer, or the distributed preflight that only joins the
+# process group and all-reduces (proves the allocation and rendezvous before spending GPU hours).
+Task = Literal["train", "doctor"]
+TASK_ARGV: dict[Task, tuple[str, ...]] = {"train": ("train",), "doctor": ("doctor", "--distributed")}
+
+SPEC_FILE = "spec.yaml"
+GENERATED_BY = f"Rendered by fljob {__version__}; do not edit: change the spec and render again."
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    name: str
+    content: str
+    executable: bool = False
+
+    def write(self, folder: Path) -> Path:
+        """Write atomically (temp file + rename) so a failed render never leaves half a file."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.name
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.content, encoding="utf-8")
+        tmp.chmod(0o755 if self.executable else 0o644)
+        tmp.replace(path)
+        return path
+
+
+def shell_join(argv: list[str] | tuple[str, ...]) -> str:
+    """Quote every word: no value can change what the shell runs."""
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+@dataclass(frozen=True)
+class Handle:
+    """A submitted job: slurm://<jobid>, k8s://<namespace>/<name> or local://<run dir>."""
+
+    backend: Literal["slurm", "k8s", "local"]
+    ident: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}://{self.ident}"
+
+    @classmethod
+    def parse(cls, text: str) -> Handle:
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme not in ("slurm", "k8s", "local") or not rest:
+            raise UsageError(
+                f"{text!r} is not a job handle; use slurm://<jobid>, k8s://<namespace>/<name> "
+                "or local://<run dir> (fljob submit prints it)"
+            )
+        if scheme == "slurm" and not rest.replace("_", "").isdigit():
+            raise UsageError(f"{text!r}: a SLURM handle is slurm://<numeric job id>")
+        if scheme == "k8s" and rest.count("/") != 1:
+            raise UsageError(f"{text!r}: a Kubernetes handle is k8s://<namespace>/<name>")
+        return cls(scheme, rest)  # type: ignore[arg-type]
+

@@ -1,0 +1,194 @@
+"""The `fljob` command line.
+
+Start-up matters: `fljob validate/render/schema` import only the spec and the renderers (no
+torch, no submitit). Every subcommand imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fljob import __version__
+from fljob.errors import UsageError
+from fljob.exitcodes import USAGE
+
+BACKENDS = ("local", "slurm", "k8s")
+
+EPILOG = """\
+a spec is one YAML file; every field has a default except `name`:
+
+  name: tiny-mup
+  training: {steps: 50}
+  optimizer: {name: adopt, lr: 0.003}
+
+examples:
+  fljob validate spec.yaml                          check a spec; errors name line:col and field
+  fljob render --backend slurm spec.yaml -o out/    the exact sbatch script, and the spec beside it
+  fljob render --backend k8s spec.yaml -o out/      PyTorchJob + ConfigMap + Service + PodMonitor
+  fljob submit --backend local spec.yaml            train on this machine (CPU or GPU)
+  fljob submit --backend slurm spec.yaml --set training.steps=100
+  fljob status slurm://1234 ; fljob logs -f slurm://1234 ; fljob cancel slurm://1234
+  fljob schema > fljob.schema.json                  JSON Schema for your editor
+
+exit codes: 0 ok, 1 failure, 2 bad input (the message says which field and how to fix it),
+75 the trainer checkpointed and asks to be requeued.
+"""
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", type=Path, help="job spec (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set training.steps=100 (repeatable; VALUE is YAML)")
+
+
+def _add_backend_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--backend", "-b", choices=BACKENDS, default=default, required=default is None,
+                   help="where the job runs" + (f" (default: {default})" if default else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fljob",
+        description="One validated job spec for muP LLM pretraining on torchtitan, "
+                    "rendered for SLURM, Kubernetes or this machine.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fljob {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a spec; exit 2 with every problem, each with line:col and a fix")
+    _add_spec_args(p)
+    p.add_argument("--backend", "-b", choices=BACKENDS, help="also check what this backend needs")
+    p.add_argument("--print", dest="print_spec", action="store_true", help="print the resolved spec")
+
+    p = sub.add_parser("render", help="write the exact artifacts a submit would send, without sending them")
+    _add_spec_args(p)
+    _add_backend_arg(p)
+    p.add_argument("-o", "--output", type=Path,
+                   help="folder to write into (default: the spec's run_dir); '-' prints to stdout")
+    p.add_argument("--doctor", action="store_true",
+                   help="render a job that only runs the distributed preflight (rendezvous + all-reduce)")
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the job spec (for editors)")
+
+    p = sub.add_parser("submit", help="render and submit; prints a handle for status/logs/cancel")
+    _add_spec_args(p)
+    _add_backend_arg(p, default="local")
+    p.add_argument("--doctor", action="store_true",
+                   help="run the distributed preflight instead of training: every rank joins the process "
+                        "group through the real rendezvous and all-reduces")
+    p.add_argument("--dry-run", action="store_true", help="show what would be run, run nothing")
+
+    for name, text in (("status", "show a job's state"), ("cancel", "stop a job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("handle", help="slurm://<jobid>, k8s://<namespace>/<name> or local://<run dir>")
+    p = sub.add_parser("logs", help="print a job's output")
+    p.add_argument("handle", help="slurm://<jobid>, k8s://<namespace>/<name> or local://<run dir>")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing as the job writes")
+
+    p = sub.add_parser("train", help="the container entrypoint: train from a spec (started by torchrun)")
+    _add_spec_args(p)
+
+    sub.add_parser(
+        "launch", add_help=False,
+        help="torchrun that keeps the trainer's exit code and forwards the pre-kill signal to it "
+             "(takes torchrun's arguments: fljob launch --nproc-per-node=2 -- train spec.yaml)",
+    )
+
+    p = sub.add_parser("doctor", help="preflight checks; --distributed joins the process group and all-reduces")
+    p.add_argument("spec", type=Path, nargs="?", help="job spec (optional)")
+    p.add_argument("--distributed", action="store_true",
+                   help="run under torchrun/fljob launch: report rank, world size and an all-reduce result")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _load(args: argparse.Namespace):
+    from fljob.spec import load_spec
+
+    return load_spec(args.spec, args.overrides)
+
+
+def _renderer(backend: str):
+    if backend == "slurm":
+        from fljob.backends import slurm_render as mod
+    elif backend == "k8s":
+        from fljob.backends import kubernetes_render as mod
+    else:
+        from fljob.backends import local as mod
+    return mod
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    if args.backend:
+        _renderer(args.backend).check(spec, str(args.spec))
+    if args.print_spec:
+        from fljob.spec import dump_spec
+
+        sys.stdout.write(dump_spec(spec))
+    else:
+        print(f"{args.spec}: ok ({spec.name}, {spec.model.flavor}, {spec.optimizer.name}, "
+              f"{spec.world_size} process{'es' if spec.world_size > 1 else ''})")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    mod = _renderer(args.backend)
+    mod.check(spec, str(args.spec))
+    files = mod.render(spec, task="doctor" if args.doctor else "train")
+    if str(args.output) == "-":
+        for f in files:
+            sys.stdout.write(f"# ---- {f.name}\n{f.content}")
+        return 0
+    folder = args.output or Path(spec.resolved_run_dir)
+    for f in files:
+        print(f.write(folder))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from fljob.spec import JobSpec
+
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "fljob job spec"
+    print(json.dumps(schema, indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # torchrun's own arguments follow; argparse must not touch them
+        from fljob.trainer.launch import main as launch
+
+        return launch(argv[1:])
+    args = build_parser().parse_args(argv)
+
+    handlers = {
+        "validate": cmd_validate,
+        "render": cmd_render,
+        "schema": cmd_schema,
+    }
+    try:
+        if args.command in handlers:
+            return handlers[args.command](args)
+        from fljob import commands  # submit/status/logs/cancel/train/launch/doctor: heavier imports
+
+        return commands.run(args)
+    except UsageError as exc:
+        print(f"fljob {args.command}: {exc}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
