@@ -14,6 +14,8 @@ from typing import Literal
 
 from fljob import __version__
 from fljob.errors import UsageError
+from fljob.spec import JobSpec
+from fljob.spec.models import SecretRef
 
 # What the job's processes run: the trainer, or the distributed preflight that only joins the
 # process group and all-reduces (proves the allocation and rendezvous before spending GPU hours).
@@ -70,3 +72,16 @@ class Handle:
             raise UsageError(f"{text!r}: a Kubernetes handle is k8s://<namespace>/<name>")
         return cls(scheme, rest)  # type: ignore[arg-type]
 
+
+def secret_refs(spec: JobSpec) -> dict[str, SecretRef]:
+    """Every variable the job sets from a secret reference: storage credentials and secret_env."""
+    return {**spec.storage.credential_refs(), **spec.secret_env}
+
+
+def secret_field(spec: JobSpec, target: str) -> str:
+    """The spec field that declares the secret reference for environment variable `target`."""
+    if target in spec.secret_env:
+        return f"secret_env.{target}"
+    names = {"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key",
+             "AWS_SESSION_TOKEN": "session_token"}
+    return f"storage.{names[target]}"

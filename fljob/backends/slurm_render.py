@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import shlex
 
-from fljob.backends.base import GENERATED_BY, SPEC_FILE, TASK_ARGV, RenderedFile, Task, shell_join
+from fljob.backends.base import GENERATED_BY, SPEC_FILE, TASK_ARGV, RenderedFile, Task, secret_field, secret_refs
 from fljob.exitcodes import REQUEUE
 from fljob.spec import JobSpec, Problem, SpecError, dump_spec
-from fljob.spec.models import SLURM_WORD, SecretRef
+from fljob.spec.models import SLURM_WORD
 
 SCRIPT_FILE = "job.sbatch"
 LOG_PATTERN = "slurm-%j.out"
@@ -33,24 +33,11 @@ def check(spec: JobSpec, source: str = "spec") -> None:
                                 "use a path without spaces or quotes."))
     for target, ref in secret_refs(spec).items():
         if ref.env is None and ref.file is None:
-            problems.append(Problem(source, _secret_field(spec, target),
+            problems.append(Problem(source, secret_field(spec, target),
                                     "has only a k8s_secret reference; SLURM needs env (a variable of the "
                                     "submitting environment) or file (a path readable on the nodes)."))
     if problems:
         raise SpecError(source, problems)
-
-
-def secret_refs(spec: JobSpec) -> dict[str, SecretRef]:
-    """Every variable the job sets from a secret reference: storage credentials and secret_env."""
-    return {**spec.storage.credential_refs(), **spec.secret_env}
-
-
-def _secret_field(spec: JobSpec, target: str) -> str:
-    if target in spec.secret_env:
-        return f"secret_env.{target}"
-    names = {"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key",
-             "AWS_SESSION_TOKEN": "session_token"}
-    return f"storage.{names[target]}"
 
 
 def secret_exports(spec: JobSpec) -> list[str]:
