@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fljob import __version__
-from fljob.errors import UsageError
+from fljob.errors import JobFailed, UsageError
 from fljob.exitcodes import USAGE
 
 BACKENDS = ("local", "slurm", "k8s")
@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"fljob {args.command}: {exc}", file=sys.stderr)
         return USAGE
+    except JobFailed as exc:
+        print(f"fljob {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import shlex
 
-from fljob.backends.base import GENERATED_BY, SPEC_FILE, TASK_ARGV, RenderedFile, Task, secret_field, secret_refs
+from fljob.backends.base import GENERATED_BY, SPEC_FILE, TASK_ARGV, RenderedFile, Task
+from fljob.backends.shell import env_block, secret_problems
 from fljob.exitcodes import REQUEUE
 from fljob.spec import JobSpec, Problem, SpecError, dump_spec
 from fljob.spec.models import SLURM_WORD
@@ -31,27 +32,9 @@ def check(spec: JobSpec, source: str = "spec") -> None:
         problems.append(Problem(source, "run_dir",
                                 f"{spec.resolved_run_dir!r} goes into #SBATCH --output, which takes one plain word: "
                                 "use a path without spaces or quotes."))
-    for target, ref in secret_refs(spec).items():
-        if ref.env is None and ref.file is None:
-            problems.append(Problem(source, secret_field(spec, target),
-                                    "has only a k8s_secret reference; SLURM needs env (a variable of the "
-                                    "submitting environment) or file (a path readable on the nodes)."))
+    problems += secret_problems(spec, source, 'SLURM')
     if problems:
         raise SpecError(source, problems)
-
-
-def secret_exports(spec: JobSpec) -> list[str]:
-    """Shell lines that resolve secret references at run time; no value is ever rendered."""
-    lines = []
-    for target, ref in sorted(secret_refs(spec).items()):
-        if ref.file:
-            lines.append(f'{target}="$(cat -- {shlex.quote(ref.file)})" || exit 2')
-            lines.append(f"export {target}")
-        elif ref.env and ref.env != target:
-            lines.append(f'export {target}="${{{ref.env}:?fljob: {ref.env} is not set in the submitting environment}}"')
-        else:
-            lines.append(f': "${{{target}:?fljob: {target} is not set in the submitting environment}}"')
-    return lines
 
 
 def directives(spec: JobSpec) -> list[str]:
@@ -129,24 +112,10 @@ def render_script(spec: JobSpec, task: Task = "train") -> str:
         '"$FLJOB_SPEC"',
     ]
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", f"--wait={s.wait_seconds}", *srun_opts]
-    env_lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(spec.env.items())]
-    env_lines += secret_exports(spec)
     body = f"""
 set -uo pipefail  # no -e: the trailer must see the step's exit code
 
-# Values from the spec, quoted: none of them can change what runs.
-FLJOB_RUN_DIR="$(realpath -m -- {shlex.quote(spec.resolved_run_dir)})"
-export FLJOB_RUN_DIR
-export FLJOB_SPEC="$FLJOB_RUN_DIR/{SPEC_FILE}"
-export FLJOB_JOB_NAME={shlex.quote(spec.name)}
-export FLJOB_RUN_ID="$SLURM_JOB_ID"
-export FLJOB_BACKEND=slurm
-export PYTHONUNBUFFERED=1
-{chr(10).join(env_lines)}
-if [ ! -f "$FLJOB_SPEC" ]; then
-  echo "fljob: $FLJOB_SPEC is missing: submit with 'fljob submit', or render with -o into the run_dir" >&2
-  exit 2
-fi
+{env_block(spec, "slurm", run_id='"$SLURM_JOB_ID"')}
 
 # Rendezvous on the first node of the allocation, resolved here on the batch host
 # (scontrol may be missing inside a container).

@@ -1,0 +1,61 @@
+"""Shell fragments shared by the batch script (SLURM) and the run script (local backend).
+
+Every value that comes from the spec is quoted with shlex.quote, and secrets are resolved at
+run time from their references: no value in the spec can change what runs, and no credential
+is ever written into a rendered file.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from fljob.backends.base import SPEC_FILE, secret_field, secret_refs
+from fljob.spec import JobSpec, Problem
+
+
+def secret_problems(spec: JobSpec, source: str, backend: str) -> list[Problem]:
+    """Shell backends resolve `env` and `file` references; a k8s_secret alone is not enough."""
+    return [
+        Problem(source, secret_field(spec, target),
+                f"has only a k8s_secret reference; {backend} needs env (a variable of the submitting "
+                "environment) or file (a path readable on the nodes).")
+        for target, ref in secret_refs(spec).items()
+        if ref.env is None and ref.file is None
+    ]
+
+
+def secret_exports(spec: JobSpec) -> list[str]:
+    """Lines that resolve secret references at run time; no value is ever rendered."""
+    lines = []
+    for target, ref in sorted(secret_refs(spec).items()):
+        if ref.file:
+            lines += [f'{target}="$(cat -- {shlex.quote(ref.file)})" || exit 2', f"export {target}"]
+        elif ref.env and ref.env != target:
+            lines.append(f'export {target}="${{{ref.env}:?fljob: {ref.env} is not set in the submitting environment}}"')
+        else:
+            lines.append(f': "${{{target}:?fljob: {target} is not set in the submitting environment}}"')
+    return lines
+
+
+def env_block(spec: JobSpec, backend: str, run_id: str) -> str:
+    """The run folder, the spec path, fljob's own variables, the spec's env and secrets.
+
+    `run_id` is a shell expression (already quoted as needed) evaluated at run time.
+    """
+    lines = [
+        "# Values from the spec, quoted: none of them can change what runs.",
+        f'FLJOB_RUN_DIR="$(realpath -m -- {shlex.quote(spec.resolved_run_dir)})"',
+        "export FLJOB_RUN_DIR",
+        f'export FLJOB_SPEC="$FLJOB_RUN_DIR/{SPEC_FILE}"',
+        f"export FLJOB_JOB_NAME={shlex.quote(spec.name)}",
+        f"export FLJOB_RUN_ID={run_id}",
+        f"export FLJOB_BACKEND={backend}",
+        "export PYTHONUNBUFFERED=1",
+        *(f"export {k}={shlex.quote(v)}" for k, v in sorted(spec.env.items())),
+        *secret_exports(spec),
+        'if [ ! -f "$FLJOB_SPEC" ]; then',
+        '  echo "fljob: $FLJOB_SPEC is missing: submit with \'fljob submit\', or render with -o into the run_dir" >&2',
+        "  exit 2",
+        "fi",
+    ]
+    return "\n".join(lines)
