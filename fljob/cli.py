@@ -128,7 +128,7 @@ def _renderer(backend: str):
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = _load(args)
     if args.backend:
-        _renderer(args.backend).check(spec, str(args.spec))
+        _renderer(args.backend).check(spec)
     if args.print_spec:
         from fljob.spec import dump_spec
 
@@ -142,7 +142,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     spec = _load(args)
     mod = _renderer(args.backend)
-    mod.check(spec, str(args.spec))
+    mod.check(spec)
     files = mod.render(spec, task="doctor" if args.doctor else "train")
     if str(args.output) == "-":
         for f in files:

@@ -22,20 +22,20 @@ from fljob.backends.base import GENERATED_BY, SPEC_FILE, TASK_ARGV, Handle, Rend
 from fljob.backends.shell import env_block, secret_problems
 from fljob.errors import JobFailed, UsageError
 from fljob.exitcodes import REQUEUE
-from fljob.spec import JobSpec, Problem, SpecError, dump_spec
+from fljob.spec import JobSpec, SpecError, dump_spec, problem_at
 
 SCRIPT_FILE = "run.sh"
 LOG_FILE = "train.log"
 STATE_FILE = "local.json"
 
 
-def check(spec: JobSpec, source: str = "spec") -> None:
-    problems = secret_problems(spec, source, "the local backend")
+def check(spec: JobSpec) -> None:
+    problems = secret_problems(spec, "the local backend")
     if spec.resources.nodes != 1:
-        problems.append(Problem(source, "resources.nodes",
+        problems.append(problem_at(spec, "resources.nodes",
                                 f"the local backend runs on one machine; set resources.nodes to 1 (got {spec.resources.nodes})."))
     if problems:
-        raise SpecError(source, problems)
+        raise SpecError(spec.origin(), problems)
 
 
 def render_script(spec: JobSpec, task: Task = "train") -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import shlex
 
 from fljob.backends.base import SPEC_FILE, secret_field, secret_refs
-from fljob.spec import JobSpec, Problem
+from fljob.spec import JobSpec, Problem, problem_at
 
 
-def secret_problems(spec: JobSpec, source: str, backend: str) -> list[Problem]:
+def secret_problems(spec: JobSpec, backend: str) -> list[Problem]:
     """Shell backends resolve `env` and `file` references; a k8s_secret alone is not enough."""
     return [
-        Problem(source, secret_field(spec, target),
+        problem_at(spec, secret_field(spec, target),
                 f"has only a k8s_secret reference; {backend} needs env (a variable of the submitting "
                 "environment) or file (a path readable on the nodes).")
         for target, ref in secret_refs(spec).items()

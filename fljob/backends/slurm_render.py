@@ -14,27 +14,27 @@ import shlex
 from fljob.backends.base import GENERATED_BY, SPEC_FILE, TASK_ARGV, RenderedFile, Task
 from fljob.backends.shell import env_block, secret_problems
 from fljob.exitcodes import REQUEUE
-from fljob.spec import JobSpec, Problem, SpecError, dump_spec
+from fljob.spec import JobSpec, SpecError, dump_spec, problem_at
 from fljob.spec.models import SLURM_WORD
 
 SCRIPT_FILE = "job.sbatch"
 LOG_PATTERN = "slurm-%j.out"
 
 
-def check(spec: JobSpec, source: str = "spec") -> None:
+def check(spec: JobSpec) -> None:
     """SLURM-specific requirements a generic spec does not carry."""
     problems = []
     container = spec.slurm.container
     if container.runtime != "none" and not (container.image or spec.image):
-        problems.append(Problem(source, "slurm.container.image",
+        problems.append(problem_at(spec, "slurm.container.image",
                                 f"runtime {container.runtime!r} needs an image: set image or slurm.container.image."))
     if not SLURM_WORD.match(spec.resolved_run_dir):
-        problems.append(Problem(source, "run_dir",
+        problems.append(problem_at(spec, "run_dir",
                                 f"{spec.resolved_run_dir!r} goes into #SBATCH --output, which takes one plain word: "
                                 "use a path without spaces or quotes."))
-    problems += secret_problems(spec, source, 'SLURM')
+    problems += secret_problems(spec, 'SLURM')
     if problems:
-        raise SpecError(source, problems)
+        raise SpecError(spec.origin(), problems)
 
 
 def directives(spec: JobSpec) -> list[str]:

@@ -35,6 +35,11 @@ class Problem:
         return f"{self.origin}: {self.field or '(top level)'}: {self.message}"
 
 
+def problem_at(spec: JobSpec, field: str, message: str) -> Problem:
+    """A problem found after validation (e.g. by a backend), placed at the field's YAML position."""
+    return Problem(spec.origin(field), field, message)
+
+
 class SpecError(UsageError):
     """The spec cannot be used; carries every problem found, each with its position."""
 
@@ -232,7 +237,7 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
             positions[known] = origin
         positions[loc] = origin
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -240,6 +245,8 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
             problems.append(Problem(_origin(loc, positions, source), _dotted(loc), _describe({**err, "loc": loc})))
         problems.sort(key=lambda p: _line_col(p.origin))
         raise SpecError(source, problems) from None
+    spec._origins = {"": source, **{_dotted(loc): where for loc, where in positions.items() if loc}}
+    return spec
 
 
 def _line_col(origin: str) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -513,6 +513,19 @@ class JobSpec(Strict):
                 f"(nodes x procs per node = {world})"
             )
         return self
+
+    # Where each field came from ("spec.yaml:12:3" or "--set ..."), filled in by the loader so
+    # that checks made after validation (by a backend) can point at the line too.
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def origin(self, field: str = "") -> str:
+        """The position of `field` (dotted), or of its nearest ancestor that has one."""
+        parts = field.split(".") if field else []
+        for n in range(len(parts), -1, -1):
+            found = self._origins.get(".".join(parts[:n]))
+            if found:
+                return found
+        return "spec"
 
     # ------------------------------------------------------------------ derived values
 
