@@ -24,16 +24,22 @@ def secret_problems(spec: JobSpec, backend: str) -> list[Problem]:
     ]
 
 
+REQUIRE_ENV = (
+    'require_env() { [ -n "${!1+x}" ] || { echo "fljob: $1 is not set in the submitting environment" >&2; exit 2; }; }'
+)
+
+
 def secret_exports(spec: JobSpec) -> list[str]:
     """Lines that resolve secret references at run time; no value is ever rendered."""
-    lines = []
-    for target, ref in sorted(secret_refs(spec).items()):
+    refs = sorted(secret_refs(spec).items())
+    lines = [REQUIRE_ENV] if any(ref.file is None for _, ref in refs) else []
+    for target, ref in refs:
         if ref.file:
             lines += [f'{target}="$(cat -- {shlex.quote(ref.file)})" || exit 2', f"export {target}"]
-        elif ref.env and ref.env != target:
-            lines.append(f'export {target}="${{{ref.env}:?fljob: {ref.env} is not set in the submitting environment}}"')
         else:
-            lines.append(f': "${{{target}:?fljob: {target} is not set in the submitting environment}}"')
+            lines.append(f"require_env {ref.env}")
+            if ref.env != target:
+                lines.append(f'export {target}="${ref.env}"')
     return lines
 
 
