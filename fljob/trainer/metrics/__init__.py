@@ -1,0 +1,1 @@
+"""Training metrics: optimizer statistics (:mod:`.optimizer_stats`) and their sinks."""
