@@ -31,7 +31,8 @@ elements of the group's parameters on all ranks, each element counted once:
   which equals ``||sqrt(v)||_2``: the norm of the optimizer's RMS-gradient estimate, in
   gradient units, so comparable with ``grad_norm`` (``||v||_2`` would be in squared units).
 * ``lr``: ``group["lr"]`` when :meth:`OptimizerStats.after_step` runs (per group only, not
-  ``all``); call it before the scheduler steps to get the rate the step used.
+  ``all``); call it before the scheduler steps to get the rate the step used. (A tensor lr
+  on the device would cost a second sync; fljob's optimizers take floats.)
 
 The two moment stats appear only when some parameter's state holds the key (SGD has
 neither); parameters without the key or without a gradient contribute nothing. ``all`` sums
@@ -60,7 +61,7 @@ Off metric steps both methods return at once: no kernel, no collective, no host 
 metric step: one flat copy of the local parameter shards that have gradients (taken before
 the step and turned into the update in place, so the update costs no second buffer), about
 six foreach-norm launches per device/dtype bucket plus a few small vector kernels, two
-all-reduces of ``6 * n_groups`` float64 values, and one device-to-host copy.
+all-reduces (``5 * n_groups`` float64 sums, ``n_groups`` maxima), and one device-to-host copy.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ class OptimizerStats:
                              device=self._device)
         sums, maxes = self._rows(buffer)
         params: list[Tensor] = []
+        locals_: list[Tensor] = []
         grads: list[Tensor] = []
         slots: list[int] = []
         for slot, group in enumerate(self.optimizer.param_groups):
@@ -167,13 +169,14 @@ class OptimizerStats:
                 if grad.numel() == 0:
                     continue
                 params.append(p)
+                locals_.append(_local(p))
                 grads.append(grad)
                 slots.append(slot)
         self._accumulate(sums[_SUMS.index("grad_norm")], grads, slots, 2.0)
         self._accumulate(maxes[_MAXES.index("grad_max_abs")], grads, slots, math.inf)
         snapshots = []
-        for idx in _buckets([_local(p) for p in params]):
-            flat = torch.cat([_local(params[i]).reshape(-1) for i in idx])
+        for idx in _buckets(locals_):
+            flat = torch.cat([locals_[i].reshape(-1) for i in idx])
             snapshots.append((flat, [params[i] for i in idx], [slots[i] for i in idx]))
         self._pending = _Pending(step, buffer, snapshots)
 
@@ -295,7 +298,7 @@ class OptimizerStats:
                  for i, stat in enumerate(_MAXES)}
         columns = [({stat: rows[stat][slot] for stat in rows}, name)
                    for slot, name in enumerate(self.group_names)]
-        total = {stat: (max if stat in _MAXES else sum)(rows[stat]) for stat in rows}
+        total = {stat: (max if stat in _MAXES else math.fsum)(rows[stat]) for stat in rows}
         out: dict[str, float] = {}
         for column, name in [*columns, (total, GLOBAL_GROUP)]:
             prefix = f"optim/{name}/"
