@@ -24,7 +24,12 @@ from fljob.trainer.model.flavors import (
     get_flavor,
 )
 from fljob.trainer.model.model import MuPTransformer
-from fljob.trainer.model.mup import GROUP_NAMES, group_scales, mup_param_groups
+from fljob.trainer.model.mup import (
+    GROUP_NAMES,
+    WEIGHT_DECAY_MODES,
+    group_scales,
+    mup_param_groups,
+)
 
 HIDDEN_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight",
                    "w1.weight", "w2.weight", "w3.weight")
@@ -82,7 +87,7 @@ def test_flavor_named_by_real_param_count(name: str) -> None:
     assert count == args.num_params()
     assert format_param_count(count) == name
     assert args.vocab_size == DEFAULT_VOCAB_SIZE
-    assert args.head_dim in (64, 128) or name == TINY_FLAVOR
+    assert args.head_dim == 64 or name == TINY_FLAVOR  # fixed: muP-consistent attention
     assert args.dim % 128 == 0 or name == TINY_FLAVOR
 
 
@@ -237,6 +242,17 @@ def test_mup_attention_scale_is_one_over_head_dim() -> None:
         torch.testing.assert_close(mup(tokens), std(tokens), rtol=1e-5, atol=1e-6)
 
 
+def test_block_compiles_without_graph_breaks() -> None:
+    # torchtitan's apply_compile uses fullgraph=True per block: a graph break would fail.
+    args = small_args(attn_scaling="mup")
+    model = build(args)
+    block = model.layers["0"]
+    x = torch.randn(2, 16, args.dim)
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, model.rope_cos, model.rope_sin),
+                               block(x, model.rope_cos, model.rope_sin))
+
+
 # ---- parameter groups -----------------------------------------------------------------
 
 def groups_by_name(groups: list[dict]) -> dict[str, dict]:
@@ -247,7 +263,7 @@ def test_param_group_membership() -> None:
     args = small_args()
     model = build(args)
     groups = groups_by_name(mup_param_groups(model, args, lr=1e-3, weight_decay=0.1, eps=1e-8,
-                                             decoupled_weight_decay=True))
+                                             weight_decay_mode="decoupled"))
     assert set(groups) == set(GROUP_NAMES)
     ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
     named = dict(model.named_parameters())
@@ -260,44 +276,84 @@ def test_param_group_membership() -> None:
     assert sum(len(s) for s in ids.values()) == len(named)
 
 
-@pytest.mark.parametrize("decoupled", [True, False])
-def test_param_group_multipliers(decoupled: bool) -> None:
+@pytest.mark.parametrize("mode", WEIGHT_DECAY_MODES)
+def test_param_group_multipliers(mode: str) -> None:
     # m = 2, L = 2, alpha = 0.5.
     args = small_args()
     lr, wd, eps = 1e-3, 0.1, 1e-8
     groups = groups_by_name(mup_param_groups(build(args), args, lr=lr, weight_decay=wd, eps=eps,
-                                             decoupled_weight_decay=decoupled))
+                                             weight_decay_mode=mode))
     m, depth = 2.0, 2.0
-    hidden_lr = lr * depth ** -0.5 / m
+    hidden_lr, block_eps = lr * depth ** -0.5 / m, eps / (m * depth ** 0.5)
     expected = {
-        "embedding": (lr, wd, eps / m),
-        "output": (lr, wd, eps / m),
-        "hidden": (hidden_lr, wd if decoupled else wd * lr / hidden_lr, eps / (m * depth ** 0.5)),
-        "hidden_vector": (lr * depth ** -0.5, 0.0, eps / (m * depth ** 0.5)),
-        "vector": (lr, 0.0, eps / m),
+        "embedding": (lr, eps / m),
+        "output": (lr, eps / m),
+        "hidden": (hidden_lr, block_eps),
+        "hidden_vector": (lr * depth ** -0.5, block_eps),
+        "vector": (lr, eps / m),
     }
-    for name, (e_lr, e_wd, e_eps) in expected.items():
-        got = groups[name]
-        assert (got["lr"], got["weight_decay"], got["eps"]) == pytest.approx((e_lr, e_wd, e_eps)), name
-    if not decoupled:  # coupled decay: every decayed group decays on the same timescale
-        products = {n: g["lr"] * g["weight_decay"] for n, g in groups.items() if g["weight_decay"]}
-        assert max(products.values()) == pytest.approx(min(products.values()))
+    for name, (e_lr, e_eps) in expected.items():
+        assert (groups[name]["lr"], groups[name]["eps"]) == pytest.approx((e_lr, e_eps)), name
+    assert groups["hidden_vector"]["weight_decay"] == groups["vector"]["weight_decay"] == 0.0
+    # Each mode's per-step decay rate is the same for every decayed group (and = base).
+    decayed = [groups[n] for n in ("embedding", "output", "hidden")]
+    rate = {"decoupled": lambda g: g["weight_decay"],
+            "lr_coupled": lambda g: g["lr"] * g["weight_decay"],
+            "l2": lambda g: g["lr"] * g["weight_decay"] / g["eps"]}[mode]
+    base_rate = {"decoupled": wd, "lr_coupled": lr * wd, "l2": lr * wd / eps}[mode]
+    assert [rate(g) for g in decayed] == pytest.approx([base_rate] * 3)
+    if mode == "lr_coupled":  # CompleteP's wd * m for hidden matrices (here with L^(1-a))
+        assert groups["hidden"]["weight_decay"] == pytest.approx(wd * m * depth ** 0.5)
+
+
+def test_param_groups_reject_unknown_weight_decay_mode() -> None:
+    args = small_args()
+    with pytest.raises(ValueError, match="weight_decay_mode"):
+        mup_param_groups(build(args), args, lr=1e-3, weight_decay=0.1, eps=1e-8,
+                         weight_decay_mode="adamw")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mup", [True, False])
+def test_gradient_entries_scale_as_one_over_width(mup: bool) -> None:
+    # The premise of the eps rule: under muP the gradient RMS of every group falls as 1/m
+    # (the 1/m logit multiplier is on every backward path); under SP it does not.
+    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(0))
+
+    def grad_rms(dim: int) -> dict[str, float]:
+        args = small_args(dim=dim, n_heads=dim // 16, n_kv_heads=None, base_dim=64,
+                          base_depth=2, input_alpha=1.0, output_alpha=1.0, mup_enabled=mup)
+        model = build(args, seed=1)
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        groups = mup_param_groups(model, args, lr=1.0, weight_decay=0.0, eps=1.0,
+                                  weight_decay_mode="decoupled")
+        return {g["name"]: torch.cat([p.grad.flatten() for p in g["params"]]).pow(2).mean()
+                .sqrt().item() for g in groups}
+
+    narrow, wide = grad_rms(64), grad_rms(512)
+    for name in GROUP_NAMES:
+        ratio = wide[name] / narrow[name]
+        if mup:
+            assert ratio == pytest.approx(1 / 8, rel=0.15), name
+        else:  # SP: hidden gradients fall as about 1/sqrt(m), the others not at all
+            assert ratio > 2 / 8, name
 
 
 def test_param_groups_standard_parametrisation() -> None:
     args = small_args(mup_enabled=False)
     groups = mup_param_groups(build(args), args, lr=1e-3, weight_decay=0.1, eps=1e-8,
-                              decoupled_weight_decay=False)
+                              weight_decay_mode="lr_coupled")
     assert {g["lr"] for g in groups} == {1e-3}
     assert {g["eps"] for g in groups} == {1e-8}
     assert {g["name"]: g["weight_decay"] for g in groups} == {
         "embedding": 0.1, "output": 0.1, "hidden": 0.1, "hidden_vector": 0.0, "vector": 0.0}
 
 
-def test_group_scales_width_one_depth_one_is_identity_for_lr() -> None:
-    scales = group_scales(small_args(base_dim=64, base_depth=2), decoupled_weight_decay=True)
-    assert {s.lr for s in scales.values()} == {1.0}
-    assert {s.eps for s in scales.values()} == {1.0}
+def test_group_scales_are_identity_at_base_shape() -> None:
+    for mode in WEIGHT_DECAY_MODES:
+        scales = group_scales(small_args(base_dim=64, base_depth=2), weight_decay_mode=mode)
+        assert {s.lr for s in scales.values()} == {s.eps for s in scales.values()} == {1.0}
+        assert {s.weight_decay for s in scales.values()} == {0.0, 1.0}
 
 
 def test_tied_weight_counted_once_in_embedding_group() -> None:
@@ -305,7 +361,7 @@ def test_tied_weight_counted_once_in_embedding_group() -> None:
     model = build(args)
     assert model.output.weight is model.tok_embeddings.weight
     groups = groups_by_name(mup_param_groups(model, args, lr=1e-3, weight_decay=0.0, eps=1e-8,
-                                             decoupled_weight_decay=True))
+                                             weight_decay_mode="decoupled"))
     assert "output" not in groups
     assert [id(p) for p in groups["embedding"]["params"]] == [id(model.tok_embeddings.weight)]
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
@@ -317,13 +373,13 @@ def test_param_groups_through_compile_and_checkpoint_wrappers() -> None:
     args = small_args()
     model = build(args)
     plain = mup_param_groups(model, args, lr=1e-3, weight_decay=0.1, eps=1e-8,
-                             decoupled_weight_decay=True)
+                             weight_decay_mode="decoupled")
     model.layers["0"] = torch.compile(checkpoint_wrapper(model.layers["0"]))
     model.layers["1"] = checkpoint_wrapper(model.layers["1"])
     names = [n for n, _ in model.named_parameters()]
     assert any("_orig_mod._checkpoint_wrapped_module" in n for n in names)
     wrapped = mup_param_groups(model, args, lr=1e-3, weight_decay=0.1, eps=1e-8,
-                               decoupled_weight_decay=True)
+                               weight_decay_mode="decoupled")
     assert [(g["name"], [id(p) for p in g["params"]]) for g in wrapped] == \
         [(g["name"], [id(p) for p in g["params"]]) for g in plain]
 
@@ -334,11 +390,11 @@ def test_param_groups_reject_uncovered_and_skip_frozen() -> None:
     model.extra_scale = nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="extra_scale"):
         mup_param_groups(model, args, lr=1e-3, weight_decay=0.1, eps=1e-8,
-                         decoupled_weight_decay=True)
+                         weight_decay_mode="decoupled")
     model.extra_scale.requires_grad_(False)
     model.norm.weight.requires_grad_(False)
     groups = groups_by_name(mup_param_groups(model, args, lr=1e-3, weight_decay=0.1, eps=1e-8,
-                                             decoupled_weight_decay=True))
+                                             weight_decay_mode="decoupled"))
     assert [id(p) for p in groups["vector"]["params"]] == [id(model.embedding_norm.weight)]
 
 
@@ -430,7 +486,7 @@ def test_tiny_flavor_trains_with_mup_groups() -> None:
     args = get_flavor(TINY_FLAVOR, vocab_size=512, max_seq_len=64)
     model = build(args)
     groups = mup_param_groups(model, args, lr=3e-3, weight_decay=0.01, eps=1e-8,
-                              decoupled_weight_decay=False)
+                              weight_decay_mode="lr_coupled")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     # A deterministic successor rule: next = (7 * token + 3) mod 512, learnable in a few steps.
     gen = torch.Generator().manual_seed(0)
@@ -467,7 +523,9 @@ def _distributed_worker(rank: int, world: int, store: str) -> None:
     # torchtitan 0.2.2 picks its mesh device once at import ("cuda" without an accelerator).
     parallel_dims_module.device_type = "cpu"
     try:
-        for tied, dp, tp in ((True, 2, 1), (False, 2, 1), (True, 1, 2)):
+        # (tied, dp_replicate, dp_shard, tp): FSDP tied/untied, DDP tied, TP tied.
+        for tied, ddp, dp, tp in ((True, 1, 2, 1), (False, 1, 2, 1), (True, 2, 1, 1),
+                                  (True, 1, 1, 2)):
             args = small_args(tie_word_embeddings=tied, max_seq_len=16)
             reference = build(args)
             full_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
@@ -480,7 +538,7 @@ def _distributed_worker(rank: int, world: int, store: str) -> None:
             job_config.training.seq_len = 16
             job_config.training.mixed_precision_param = "float32"  # exact comparison
             dims = parallel_dims_module.ParallelDims(
-                dp_replicate=1, dp_shard=dp, cp=1, tp=tp, pp=1, ep=1, etp=1, world_size=world)
+                dp_replicate=ddp, dp_shard=dp, cp=1, tp=tp, pp=1, ep=1, etp=1, world_size=world)
             with torch.device("meta"):
                 model = MuPTransformer(args)
             model = parallelize_mup_llama(model, dims, job_config)  # default: selective AC
@@ -489,7 +547,7 @@ def _distributed_worker(rank: int, world: int, store: str) -> None:
             assert (model.output.weight is model.tok_embeddings.weight) == tied
             set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True))
 
-            if dp > 1:  # each rank its half of the batch; loss normalised by global tokens
+            if tp == 1:  # each rank its half of the batch; loss normalised by global tokens
                 rows = slice(rank * 2, rank * 2 + 2)
                 logits = model(inputs[rows])
                 loss = F.cross_entropy(logits.flatten(0, 1), labels[rows].flatten(),
@@ -508,15 +566,16 @@ def _distributed_worker(rank: int, world: int, store: str) -> None:
                 grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
                 ref_grad = reference_params[name.replace("_checkpoint_wrapped_module.", "")].grad
                 torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6,
-                                           msg=lambda m, n=name: f"{n} tied={tied} tp={tp}: {m}")
+                                           msg=lambda m, n=name: f"{n} {ddp=} {dp=} {tp=} {tied=}: {m}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_fsdp_and_tp_match_single_process(tmp_path: os.PathLike) -> None:
-    """2-rank gloo: FSDP (tied and untied) and TP (tied, all extra norms) forward and
-    backward equal one process on the whole batch, with the trainer's meta-init flow."""
+    """2-rank gloo: FSDP (tied and untied), DDP and TP (tied, all extra norms) forward
+    and backward equal one process on the whole batch, with the trainer's meta-init flow
+    and its loss normalisation (local sum / global token count)."""
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -8,8 +8,9 @@ name equals ``format_param_count`` of the count of the model as built.
 All flavors share one muP base (width 256, depth 4, the "7.61M" flavor), so
 hyperparameters tuned on the base transfer to every other flavor. They use the norms the
 research runs used (embedding norm and peri-norms) and untied embeddings (see MUP.md).
-Widths are multiples of 128 and head_dim is 64 or 128, except for the CPU-sized tiny
-flavor.
+Widths are multiples of 128 and head_dim is 64 (the head count grows with width, so
+the attention logit scale is the base model's whatever ``attn_scaling`` says), except for
+the CPU-sized tiny flavor.
 
 Torch-free, like ``args``: the job spec may import it to validate a flavor name.
 """
@@ -53,7 +54,7 @@ _ARGS: tuple[ModelArgs, ...] = (
     _flavor(512, 8, 8),
     _flavor(768, 16, 12),
     _flavor(1024, 24, 16),
-    _flavor(2048, 20, 16),
+    _flavor(2048, 20, 32),
 )
 
 FLAVORS: dict[str, ModelArgs] = {format_param_count(a.num_params()): a for a in _ARGS}

@@ -1,20 +1,27 @@
 """muP / CompleteP optimizer parameter groups: per-group lr, weight decay and Adam eps.
 
-The rules, with m = dim/base_dim, L = n_layers/base_depth, alpha = depth_alpha (MUP.md
-has the derivation):
+With m = dim/base_dim, L = n_layers/base_depth, a = depth_alpha (MUP.md derives them):
 
-| group         | members                                  | lr          | wd      | eps        |
-|---------------|------------------------------------------|-------------|---------|------------|
-| embedding     | tok_embeddings.weight (+ output if tied) | lr          | wd      | eps/m      |
-| output        | output.weight (untied only)              | lr          | wd      | eps/m      |
-| hidden        | the 7 block matrices                     | lr*L^(a-1)/m| see (*) | eps/(m L^a)|
-| hidden_vector | block norm gains                         | lr*L^(a-1)  | 0       | eps/(m L^a)|
-| vector        | embedding_norm, final norm gains         | lr          | 0       | eps/m      |
+| group         | members                                  | lr            | eps         |
+|---------------|------------------------------------------|---------------|-------------|
+| embedding     | tok_embeddings.weight (+ output if tied) | lr            | eps/m       |
+| output        | output.weight (untied only)              | lr            | eps/m       |
+| hidden        | the 7 block matrices                     | lr*L^(a-1)/m  | eps/(m L^a) |
+| hidden_vector | block norm gains                         | lr*L^(a-1)    | eps/(m L^a) |
+| vector        | embedding_norm, final norm gains         | lr            | eps/m       |
 
-(*) weight decay keeps every decayed group's decay timescale equal to the embedding's:
-for an optimizer whose per-step decay is lr_group*wd_group (torch AdamW), wd_group =
-wd * lr/lr_group (= wd*m at alpha 1); for a decoupled one whose per-step decay is
-wd_group times the schedule factor (DecoupledAdamW), wd_group = wd.
+eps follows each group's gradient-entry scale (1/m everywhere, times the residual
+multiplier L^-a inside blocks). Weight decay is 0 on vectors; on the other groups it is
+chosen so every decayed group loses the same fraction of its weights per step as at the
+base shape, which depends on how the optimizer applies it (``WeightDecayMode``):
+
+- "decoupled": per-step decay wd_group x schedule factor (fljob's ``decouple=True``,
+  Composer's DecoupledAdamW): wd_group = wd.
+- "lr_coupled": per-step decay lr_group x wd_group (torch AdamW): wd_group = wd x
+  lr/lr_group (= wd x m for hidden matrices at a = 1, the CompleteP rule).
+- "l2": wd x p added to the gradient before Adam-style normalisation (fljob's
+  ``decouple=False``): the decay then acts in gradient units, wd_group = wd x
+  (lr/lr_group) x (eps_group/eps).
 
 With ``mup_enabled`` False every factor is 1 (weight decay still 0 on vectors): the
 standard-parametrisation baseline.
@@ -24,13 +31,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from torch import nn
 
 from fljob.trainer.model.args import ModelArgs
 
 GROUP_NAMES: tuple[str, ...] = ("embedding", "output", "hidden", "hidden_vector", "vector")
+_DECAYED = frozenset({"embedding", "output", "hidden"})
+
+WeightDecayMode = Literal["decoupled", "lr_coupled", "l2"]
+WEIGHT_DECAY_MODES: tuple[str, ...] = get_args(WeightDecayMode)
 
 # Segments that wrappers insert into parameter names; stripped before matching.
 _WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module",
@@ -55,27 +66,32 @@ class GroupScale:
     eps: float
 
 
-def group_scales(args: ModelArgs, *, decoupled_weight_decay: bool) -> dict[str, GroupScale]:
-    """The per-group multipliers of the module docstring's table, for these args."""
-    if not args.mup_enabled:
-        decayed, vector = GroupScale(1.0, 1.0, 1.0), GroupScale(1.0, 0.0, 1.0)
-        return {"embedding": decayed, "output": decayed, "hidden": decayed,
-                "hidden_vector": vector, "vector": vector}
-    m = args.width_mult
+def group_scales(args: ModelArgs, *, weight_decay_mode: WeightDecayMode) -> dict[str, GroupScale]:
+    """The per-group multipliers of the module docstring, for these args."""
+    if weight_decay_mode not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, "
+                         f"got {weight_decay_mode!r}")
+    # Under muP every gradient entry scales as 1/m (the 1/m logit multiplier lies on the
+    # backward path of every parameter); inside blocks the residual multiplier L^-a
+    # scales them once more. All 1 in SP.
+    m = args.width_mult if args.mup_enabled else 1.0
     depth_lr = args.hidden_lr_depth_factor
-    # Every gradient entry scales as 1/m under this parametrisation (the 1/m logit
-    # multiplier sits on the backward path of all parameters); block parameters also
-    # carry the residual multiplier L^-alpha. Adam's eps must shrink with them.
-    eps_outer, eps_block = 1.0 / m, args.residual_mult / m
-    hidden_lr = depth_lr / m
-    hidden_wd = 1.0 if decoupled_weight_decay else 1.0 / hidden_lr
-    return {
-        "embedding": GroupScale(1.0, 1.0, eps_outer),
-        "output": GroupScale(1.0, 1.0, eps_outer),
-        "hidden": GroupScale(hidden_lr, hidden_wd, eps_block),
-        "hidden_vector": GroupScale(depth_lr, 0.0, eps_block),
-        "vector": GroupScale(1.0, 0.0, eps_outer),
-    }
+    outer, block = 1.0 / m, args.residual_mult / m
+    lr = {"embedding": 1.0, "output": 1.0, "hidden": depth_lr / m,
+          "hidden_vector": depth_lr, "vector": 1.0}
+    grad = {"embedding": outer, "output": outer, "hidden": block,
+            "hidden_vector": block, "vector": outer}
+
+    def weight_decay(group: str) -> float:
+        if group not in _DECAYED:
+            return 0.0
+        if weight_decay_mode == "decoupled":
+            return 1.0
+        if weight_decay_mode == "lr_coupled":
+            return 1.0 / lr[group]
+        return grad[group] / lr[group]
+
+    return {g: GroupScale(lr[g], weight_decay(g), grad[g]) for g in GROUP_NAMES}
 
 
 def canonical_name(name: str) -> str:
@@ -101,7 +117,7 @@ def mup_param_groups(
     lr: float,
     weight_decay: float,
     eps: float,
-    decoupled_weight_decay: bool,
+    weight_decay_mode: WeightDecayMode,
 ) -> list[dict[str, Any]]:
     """Optimizer param groups with muP-scaled 'lr', 'weight_decay' and 'eps'.
 
@@ -110,8 +126,8 @@ def mup_param_groups(
     frozen parameters are left out; empty groups are dropped. Raises ValueError if a
     trainable parameter matches no group, so a new module cannot silently go unscaled.
 
-    ``decoupled_weight_decay``: True when the optimizer's per-step decay does not
-    multiply by the learning rate (module docstring).
+    ``weight_decay_mode`` says how the optimizer applies weight decay (module docstring);
+    the per-group values keep the base shape's decay rate under that semantics.
     """
     members: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
     unmatched = []
@@ -124,7 +140,7 @@ def mup_param_groups(
             unmatched.append(name)
     if unmatched:
         raise ValueError(f"parameters outside every muP group: {unmatched}")
-    scales = group_scales(args, decoupled_weight_decay=decoupled_weight_decay)
+    scales = group_scales(args, weight_decay_mode=weight_decay_mode)
     return [
         {
             "name": group,

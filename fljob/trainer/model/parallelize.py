@@ -8,14 +8,18 @@ Differences from torchtitan's ``parallelize_llama``:
   since torch rejects a Parameter shared across FSDP units;
 - FSDP collectives on a CPU mesh (gloo, which has no PREMUL_SUM or AVG) are forced to
   plain SUM;
+- DDP sums gradients instead of averaging them: the trainer already divides the loss by
+  the global token count (torchtitan 0.2.2's own DDP path divides twice);
 - context and pipeline parallelism are rejected (the model has no CP attention wrapper
   and no pipelining function).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: DDP checks the comm hook's annotations at
+# runtime and rejects them as strings.
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed._composable.replicate import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
@@ -33,11 +37,7 @@ from torchtitan.distributed.tensor_parallel import maybe_enable_async_tp
 
 # The Llama3 op-level selective-AC save list is model-agnostic (matmuls, SDPA kernels,
 # reduce-scatter); reuse it rather than keep a copy.
-from torchtitan.models.llama3.infra.parallelize import (
-    _op_sac_save_list,
-    apply_compile,
-    apply_ddp,
-)
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_compile
 
 from fljob.trainer.model.model import MuPTransformer
 
@@ -180,3 +180,19 @@ def apply_fsdp(
             module.set_gradient_divide_factor(1.0)
             if force_sum:
                 module.set_force_sum_reduction_for_comms(True)
+
+
+def _allreduce_sum_hook(
+    group: dist.ProcessGroup, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: all-reduce SUM (DDP's default averages over ranks)."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, enable_compile: bool) -> None:
+    """Replicate the model over ``dp_mesh`` with summed gradients."""
+    if enable_compile:
+        torch._dynamo.config.optimize_ddp = "ddp_optimizer"
+    replicate(model, device_mesh=dp_mesh, bucket_cap_mb=100)
+    model.register_comm_hook(dp_mesh.get_group(), _allreduce_sum_hook)  # type: ignore[operator]
