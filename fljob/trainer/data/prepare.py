@@ -1,0 +1,85 @@
+"""Turn the bundled corpus into a tokenizer and a token file under ``<run_dir>/data``.
+
+Runs in every trainer process before the trainer is built (the tokenizer's vocabulary
+sizes the model). Processes of one node serialise on a file lock; the first prepares, the
+others find the files and reuse them. Outputs are deterministic and written atomically, so
+nodes that share ``run_dir`` but not the lock still end up with one valid copy. A later run
+in the same ``run_dir`` reuses the files while they match its tokenizer and vocabulary.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fljob.spec.models import JobSpec
+from fljob.trainer.data.text import bundled_documents, bundled_source
+from fljob.trainer.data.token_file import TokenFileInfo, read_info, write_token_file
+from fljob.trainer.data.tokenizer import TokenizerFile, train_bpe
+
+
+def data_dir(spec: JobSpec) -> Path:
+    return Path(spec.resolved_run_dir) / "data"
+
+
+def tokenizer_path(spec: JobSpec) -> Path:
+    """The spec's tokenizer.json, else the one trained for this run."""
+    if spec.data.tokenizer is None:
+        return data_dir(spec) / "tokenizer.json"
+    if "://" in spec.data.tokenizer:
+        raise NotImplementedError(f"data.tokenizer {spec.data.tokenizer!r}: remote tokenizers "
+                                  "arrive with streaming data; give a local path")
+    return Path(spec.data.tokenizer)
+
+
+def tokens_path(spec: JobSpec) -> Path:
+    return data_dir(spec) / "tokens.bin"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare_bundled_text(spec: JobSpec, vocab_size: int) -> TokenFileInfo:
+    """Make sure the run's tokenizer and token file exist and match; return the file's info.
+
+    ``vocab_size`` is the size to train a BPE to when the spec names no tokenizer (the
+    model flavor's); a previously trained one of another size is retrained.
+    """
+    directory = data_dir(spec)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _locked(directory / ".prepare.lock"):
+        tok_path = tokenizer_path(spec)
+        documents = bundled_documents()
+        if spec.data.tokenizer is None and not _trained_with_size(tok_path, vocab_size):
+            tmp = tok_path.with_name(f".{tok_path.name}.tmp")
+            train_bpe(documents, vocab_size).save(str(tmp))
+            tmp.replace(tok_path)
+        digest = sha256_of(tok_path)
+        out = tokens_path(spec)
+        info = read_info(out)
+        if info is not None and info.tokenizer_sha256 == digest and info.source == bundled_source():
+            return info
+        tokenizer = TokenizerFile(tok_path)
+        assert tokenizer.eos_id is not None  # TokenizerFile refuses tokenizers without one
+        return write_token_file(
+            out, tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id,
+            vocab_size=tokenizer.get_vocab_size(), tokenizer_sha256=digest,
+            source=bundled_source())
+
+
+def _trained_with_size(path: Path, vocab_size: int) -> bool:
+    return path.exists() and TokenizerFile(path).get_vocab_size() == vocab_size
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,146 @@
+"""fljob's torchtitan ``MetricsProcessor``: what each logged step records, and where it goes.
+
+torchtitan computes loss, gradient norm, throughput and memory on every logging step and
+hands one dict to its logger backends. This subclass adds what muP training needs to see
+(the learning rate of every parameter group, and the optimizer statistics of
+:mod:`.optimizer_stats`), then, on rank 0, renames the dict into fljob's record and hands it
+to fljob's sinks: ``<run_dir>/metrics.jsonl`` and the stdout progress line.
+
+A record::
+
+    {"step": 10, "loss": 6.12, "loss_max": 6.3, "grad_norm": 1.9,
+     "lr": {"embedding": 0.003, "hidden": 0.0008, ...}, "tokens_per_s": 21345.0,
+     "tokens_per_s_per_device": 10672.5, "tokens_seen": 40960, "step_time_s": 0.096,
+     "data_time_s": 0.001, "elapsed_s": 7.4, "mfu_pct": 0.0, "memory_gib": 0.6,
+     "optim": {"hidden": {"grad_norm": 0.8, "update_ratio": 0.002, ...}, "all": {...}}}
+
+``optim`` appears on logging steps that are multiples of ``metrics.optimizer_interval``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch.optim import Optimizer
+from torchtitan.components.metrics import BaseLogger, LoggerContainer, MetricsProcessor
+from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
+
+from fljob.trainer.job_config import job_spec
+from fljob.trainer.metrics.jsonl import JsonlLogger
+from fljob.trainer.metrics.optimizer_stats import OptimizerStats
+from fljob.trainer.metrics.progress import ProgressLogger
+
+METRICS_FILE = "metrics.jsonl"
+
+def fljob_record(metrics: dict[str, Any], world_size: int, elapsed_s: float) -> dict[str, Any]:
+    """fljob's record of one step from torchtitan's metrics dict (plus ``lr/`` and ``optim/``).
+
+    torchtitan metrics not named here (TFLOPS, memory percentages, ...) are not recorded.
+    """
+    optim: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("optim/"):
+            _, group, stat = key.split("/", 2)
+            optim.setdefault(group, {})[stat] = value
+    per_device = metrics["throughput(tps)"]
+    record: dict[str, Any] = {
+        "loss": metrics["loss_metrics/global_avg_loss"],
+        "loss_max": metrics["loss_metrics/global_max_loss"],
+        "grad_norm": metrics["grad_norm"],
+        "lr": {k.removeprefix("lr/"): v for k, v in metrics.items() if k.startswith("lr/")},
+        # torchtitan's throughput is per device; every device processes its own tokens.
+        "tokens_per_s": per_device * world_size,
+        "tokens_per_s_per_device": per_device,
+        "tokens_seen": int(metrics["n_tokens_seen"]),
+        "step_time_s": metrics["time_metrics/end_to_end(s)"],
+        "data_time_s": metrics["time_metrics/data_loading(s)"],
+        "elapsed_s": elapsed_s,
+        "mfu_pct": metrics["mfu(%)"],
+        "memory_gib": metrics["memory/max_reserved(GiB)"],
+    }
+    if optim:
+        record["optim"] = optim
+    return record
+
+
+class RecordLogger(BaseLogger):
+    """A torchtitan logger backend that feeds fljob records to fljob's sinks."""
+
+    def __init__(self, sinks: list[BaseLogger], world_size: int) -> None:
+        self.sinks, self.world_size = sinks, world_size
+        self.start = time.perf_counter()
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        record = fljob_record(metrics, self.world_size, time.perf_counter() - self.start)
+        for sink in self.sinks:
+            sink.log(record, step)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class FljobMetricsProcessor(MetricsProcessor):
+    """torchtitan's processor plus per-group lrs, optimizer statistics and fljob's sinks.
+
+    Built by the TrainSpec like torchtitan's; the trainer then calls :meth:`watch` once
+    its optimizers exist.
+    """
+
+    def __init__(self, job_config: JobConfig, parallel_dims: ParallelDims, tag: str | None = None):
+        super().__init__(job_config, parallel_dims, tag)
+        spec = job_spec(job_config)
+        self.optimizer_interval = spec.metrics.optimizer_interval
+        self._stats: OptimizerStats | None = None
+        self._step_lrs: dict[str, float] = {}
+        self._step_stats: dict[str, float] = {}
+        if dist.get_rank() == 0:  # the metrics rank: fljob models have no pipeline stages
+            sinks: list[BaseLogger] = [
+                JsonlLogger(Path(spec.resolved_run_dir) / METRICS_FILE),
+                ProgressLogger(job_config.training.steps),
+            ]
+            loggers = LoggerContainer()
+            loggers.add_logger(self.logger)  # torchtitan's own (TensorBoard/W&B when enabled)
+            loggers.add_logger(RecordLogger(sinks, parallel_dims.world_size))
+            self.logger = loggers
+
+    def watch(self, optimizers: OptimizersContainer, current_step: Callable[[], int]) -> None:
+        """Observe every optimizer step through hooks on the container.
+
+        Before the step (gradients clipped, lrs those the step uses): remember the lrs
+        and, on logging steps, start the statistics; after it, finish them. The
+        statistics run collectives, so every rank takes the same branches.
+        """
+        if len(optimizers.optimizers) != 1:
+            raise ValueError("fljob trains one model part (no pipeline parallelism)")
+        optimizer: Optimizer = optimizers.optimizers[0]
+        stats = self._stats = OptimizerStats(optimizer, interval=self.optimizer_interval)
+
+        def before_step(*_: Any) -> None:
+            step = current_step()
+            self._step_lrs = {name: float(group["lr"]) for name, group
+                              in zip(stats.group_names, optimizer.param_groups, strict=True)}
+            if self.should_log(step):
+                stats.before_step(step)
+
+        def after_step(*_: Any) -> None:
+            step = current_step()
+            if self.should_log(step):
+                self._step_stats = stats.after_step(step) or {}
+
+        optimizers.register_step_pre_hook(before_step)
+        optimizers.register_step_post_hook(after_step)
+
+    def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
+            extra_metrics: dict[str, Any] | None = None) -> None:
+        extra = {k: v for k, v in (extra_metrics or {}).items() if k != "lr"}  # one group's
+        extra.update({f"lr/{name}": lr for name, lr in self._step_lrs.items()})
+        extra.update(self._step_stats)
+        self._step_stats = {}
+        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
