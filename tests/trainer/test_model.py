@@ -37,10 +37,12 @@ HIDDEN_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight",
 
 def small_args(**overrides: object) -> ModelArgs:
     """A CPU-fast model with GQA, both extra norms and non-trivial muP multipliers."""
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256,
-                ffn_multiple_of=64, max_seq_len=32, base_dim=32, base_depth=1,
-                use_embedding_norm=True, use_peri_norm=True, input_alpha=2.0,
-                output_alpha=1.5, depth_alpha=0.5)
+    base: dict[str, object] = {
+        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256,
+        "ffn_multiple_of": 64, "max_seq_len": 32, "base_dim": 32, "base_depth": 1,
+        "use_embedding_norm": True, "use_peri_norm": True, "input_alpha": 2.0,
+        "output_alpha": 1.5, "depth_alpha": 0.5,
+    }
     base.update(overrides)
     return ModelArgs(**base)  # type: ignore[arg-type]
 
@@ -132,8 +134,8 @@ def test_get_flavor_copies_and_overrides() -> None:
         get_flavor("16M")
 
 
-@pytest.mark.parametrize("bad", [dict(dim=65), dict(n_kv_heads=3), dict(attn_scaling="x"),
-                                 dict(depth_alpha=1.5), dict(dim=12, n_heads=4)])
+@pytest.mark.parametrize("bad", [{"dim": 65}, {"n_kv_heads": 3}, {"attn_scaling": "x"},
+                                 {"depth_alpha": 1.5}, {"dim": 12, "n_heads": 4}])
 def test_args_validation(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         small_args(**bad)
@@ -147,6 +149,21 @@ def test_nparams_and_flops() -> None:
     assert args.get_nparams_and_flops(None, 32)[0] == nparams
     matmul = args.n_layers * args.block_matrix_params + args.vocab_size * args.dim
     assert flops == 6 * matmul + 12 * args.n_layers * args.n_heads * args.head_dim * 32
+
+
+def test_update_from_config_sizes_rope_and_rejects_cp_pp() -> None:
+    from torchtitan.config import JobConfig
+
+    args, job_config = small_args(), JobConfig()
+    job_config.training.seq_len = 48
+    args.update_from_config(job_config)
+    assert args.max_seq_len == 48
+    assert MuPTransformer(args).rope_cos.shape == (48, args.head_dim)
+    for field in ("context_parallel_degree", "pipeline_parallel_degree"):
+        job_config = JobConfig()
+        setattr(job_config.parallelism, field, 2)
+        with pytest.raises(NotImplementedError):
+            args.update_from_config(job_config)
 
 
 def test_args_and_flavors_import_without_torch() -> None:
@@ -526,6 +543,7 @@ def _distributed_worker(rank: int, world: int, store: str) -> None:
         # (tied, dp_replicate, dp_shard, tp): FSDP tied/untied, DDP tied, TP tied.
         for tied, ddp, dp, tp in ((True, 1, 2, 1), (False, 1, 2, 1), (True, 2, 1, 1),
                                   (True, 1, 1, 2)):
+            case = f"dp_replicate={ddp} dp_shard={dp} tp={tp} tied={tied}"
             args = small_args(tie_word_embeddings=tied, max_seq_len=16)
             reference = build(args)
             full_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
@@ -566,7 +584,7 @@ def _distributed_worker(rank: int, world: int, store: str) -> None:
                 grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
                 ref_grad = reference_params[name.replace("_checkpoint_wrapped_module.", "")].grad
                 torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6,
-                                           msg=lambda m, n=name: f"{n} {ddp=} {dp=} {tp=} {tied=}: {m}")
+                                           msg=lambda m, n=name, c=case: f"{n} {c}: {m}")
     finally:
         dist.destroy_process_group()
 

@@ -38,10 +38,10 @@ def format_param_count(n: int) -> str:
 
 
 def _flavor(dim: int, n_layers: int, n_heads: int, **overrides: object) -> ModelArgs:
-    common: dict[str, object] = dict(
-        vocab_size=DEFAULT_VOCAB_SIZE, base_dim=BASE_DIM, base_depth=BASE_DEPTH,
-        use_embedding_norm=True, use_peri_norm=True, tie_word_embeddings=False,
-    )
+    common: dict[str, object] = {
+        "vocab_size": DEFAULT_VOCAB_SIZE, "base_dim": BASE_DIM, "base_depth": BASE_DEPTH,
+        "use_embedding_norm": True, "use_peri_norm": True, "tie_word_embeddings": False,
+    }
     common.update(overrides)
     return ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, **common)  # type: ignore[arg-type]
 

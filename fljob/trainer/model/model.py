@@ -96,8 +96,9 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
-        self.post_attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps) if args.use_peri_norm else None
-        self.post_ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps) if args.use_peri_norm else None
+        peri = args.use_peri_norm
+        self.post_attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps) if peri else None
+        self.post_ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps) if peri else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = self.attention(self.attention_norm(x), cos, sin)
@@ -188,7 +189,8 @@ class MuPTransformer(nn.Module):
         embedding, output = self.tok_embeddings.weight, self.output.weight
         if output is embedding:
             return
-        if isinstance(embedding, DTensor) or isinstance(output, DTensor):
+        sharded = isinstance(embedding, DTensor) or isinstance(output, DTensor)
+        if sharded:
             raise RuntimeError("tied output/embedding DTensor parameters are not shared; "
                                "tie them before sharding (see parallelize_mup_llama)")
         self.output.weight = embedding

@@ -118,8 +118,9 @@ def apply_tp(model: MuPTransformer, tp_mesh: DeviceMesh, loss_parallel: bool) ->
     for block in model.layers.values():
         plan: dict[str, object] = {
             "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)),
+            "attention": PrepareModuleInput(  # (x, rope_cos, rope_sin)
+                input_layouts=(Shard(1), None, None),
+                desired_input_layouts=(Replicate(), None, None)),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
