@@ -85,3 +85,18 @@ def secret_field(spec: JobSpec, target: str) -> str:
     names = {"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key",
              "AWS_SESSION_TOKEN": "session_token"}
     return f"storage.{names[target]}"
+
+
+# Variables that torchrun, the Kubeflow operator, SLURM or fljob itself set to start the job
+# (rendezvous, ranks, which spec the trainer reads): a spec that set them would change what runs.
+RESERVED_ENV = frozenset({"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+                          "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "NODE_RANK"})
+RESERVED_ENV_PREFIXES = ("FLJOB_", "PET_", "TORCHELASTIC_", "SLURM_")
+
+
+def reserved_env_fields(spec: JobSpec) -> list[str]:
+    """Spec fields (`env.X`, `secret_env.X`) that would override a variable the launch relies on."""
+    return [f"{section}.{name}"
+            for section, names in (("env", spec.env), ("secret_env", spec.secret_env))
+            for name in sorted(names)
+            if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES)]

@@ -1,0 +1,329 @@
+"""The project's own schema of the Kubernetes objects fljob renders, checked inside `render`.
+
+No API server is at hand when rendering (nor in CI), and `kubectl --dry-run=client` needs one,
+so a wrong manifest would only be found at `kubectl apply` time, or worse, silently pruned.
+`SCHEMA` is a JSON Schema (draft 2020-12) of exactly the fields the renderer writes, closed
+with ``additionalProperties: false``; `validate` checks objects against it with a small
+built-in interpreter of the keywords used here, so that `fljob render` stays fast and needs no
+jsonschema. The tests check the same schema with the real jsonschema, and the rendered objects
+against the official PyTorchJob CRD and the Kubernetes OpenAPI schema.
+
+On top of the schema come the rules of the training operator's admission webhook (which no
+schema expresses) and the cross references between the objects (selectors, volume names).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from fljob.spec.models import DNS1035, DNS1123_SUBDOMAIN, ENV_NAME, K8S_QUANTITY, LABEL_KEY, LABEL_VALUE
+
+CONTAINER_NAME = "pytorch"  # the webhook requires a container of this name in every replica
+REPLICA_TYPES = ("Master", "Worker")
+# Prometheus operator's Duration type.
+PROM_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+# IANA service name: what a named container port may be called.
+PORT_NAME = r"^(?=.{1,15}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/$defs/{name}"}
+
+
+def _obj(properties: dict[str, Any], required: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    """A closed object: every field fljob writes is listed, nothing else may appear."""
+    out: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        out["required"] = list(required)
+    return {**out, **extra}
+
+
+def _array(items: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"type": "array", "items": items, **extra}
+
+
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_NONNEG = {"type": "integer", "minimum": 0}
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+
+DEFS: dict[str, Any] = {
+    "dns1035": {"type": "string", "maxLength": 63, "pattern": DNS1035.pattern},
+    "dns1123subdomain": {"type": "string", "maxLength": 253, "pattern": DNS1123_SUBDOMAIN.pattern},
+    "quantity": {"type": "string", "pattern": K8S_QUANTITY.pattern},
+    "labels": {"type": "object", "propertyNames": {"pattern": LABEL_KEY.pattern},
+               "additionalProperties": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE.pattern}},
+    "annotations": {"type": "object", "propertyNames": {"pattern": LABEL_KEY.pattern},
+                    "additionalProperties": _STR},
+    "metadata": _obj({"name": _ref("dns1035"), "namespace": _ref("dns1035"), "labels": _ref("labels"),
+                      "annotations": _ref("annotations")}, ("name", "namespace", "labels")),
+    "envVar": _obj({
+        "name": {"type": "string", "pattern": ENV_NAME.pattern},
+        "value": _STR,
+        "valueFrom": _obj({
+            "secretKeyRef": _obj({"name": _ref("dns1123subdomain"),
+                                  "key": {"type": "string", "pattern": r"^[-._a-zA-Z0-9]+$"}}, ("name", "key")),
+        }, ("secretKeyRef",)),
+    }, ("name",), minProperties=2, maxProperties=2),  # a name and exactly one of value/valueFrom
+    "container": _obj({
+        "name": {"const": CONTAINER_NAME},
+        "image": {"type": "string", "minLength": 1},
+        "imagePullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+        "command": _array(_STR, minItems=1),
+        "env": _array(_ref("envVar")),
+        "ports": _array(_obj({"name": {"type": "string", "pattern": PORT_NAME}, "containerPort": _PORT,
+                              "protocol": {"const": "TCP"}}, ("name", "containerPort", "protocol")), minItems=1),
+        "resources": _obj({"requests": {"type": "object", "additionalProperties": _ref("quantity")},
+                           "limits": {"type": "object", "additionalProperties": _ref("quantity")}}),
+        "volumeMounts": _array(_obj({"name": _ref("dns1035"), "mountPath": {"type": "string", "pattern": "^/"},
+                                     "readOnly": _BOOL}, ("name", "mountPath"))),
+    }, ("name", "image", "command", "env", "ports", "volumeMounts")),
+    "volume": _obj({
+        "name": _ref("dns1035"),
+        "emptyDir": _obj({"medium": {"const": "Memory"}, "sizeLimit": _ref("quantity")}, ("medium",)),
+        "configMap": _obj({"name": _ref("dns1123subdomain"),
+                           "items": _array(_obj({"key": _STR, "path": _STR}, ("key", "path")))}, ("name",)),
+    }, ("name",), minProperties=2, maxProperties=2),  # a name and exactly one source
+    "toleration": _obj({"key": _STR, "operator": {"enum": ["Exists", "Equal"]}, "value": _STR,
+                        "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
+                        "tolerationSeconds": {"type": "integer"}}),
+    # The spec's affinity is passed through; the Kubernetes OpenAPI schema checks its inside.
+    "affinity": {"type": "object", "minProperties": 1,
+                 "propertyNames": {"enum": ["nodeAffinity", "podAffinity", "podAntiAffinity"]},
+                 "additionalProperties": {"type": "object"}},
+    "podSpec": _obj({
+        "containers": _array(_ref("container"), minItems=1, maxItems=1),
+        "volumes": _array(_ref("volume"), minItems=1),
+        "terminationGracePeriodSeconds": _NONNEG,
+        "automountServiceAccountToken": _BOOL,
+        "serviceAccountName": _ref("dns1123subdomain"),
+        "nodeSelector": _ref("labels"),
+        "tolerations": _array(_ref("toleration")),
+        "affinity": _ref("affinity"),
+        "priorityClassName": _ref("dns1123subdomain"),
+        "schedulerName": _STR,
+        "imagePullSecrets": _array(_obj({"name": _ref("dns1123subdomain")}, ("name",))),
+    }, ("containers", "volumes", "terminationGracePeriodSeconds")),
+    "replicaSpec": _obj({
+        "replicas": {"type": "integer", "minimum": 1},
+        "restartPolicy": {"enum": ["Always", "OnFailure", "Never", "ExitCode"]},
+        "template": _obj({"metadata": _obj({"labels": _ref("labels"), "annotations": _ref("annotations")},
+                                           ("labels",)),
+                          "spec": _ref("podSpec")}, ("metadata", "spec")),
+    }, ("replicas", "restartPolicy", "template")),
+}
+
+KINDS: dict[tuple[str, str], dict[str, Any]] = {
+    ("v1", "ConfigMap"): _obj({
+        "data": {"type": "object", "minProperties": 1, "additionalProperties": _STR},
+    }, ("data",)),
+    ("kubeflow.org/v1", "PyTorchJob"): _obj({
+        "spec": _obj({
+            "nprocPerNode": {"type": "string", "pattern": r"^[1-9][0-9]*$"},  # an integer: see the CRD
+            "pytorchReplicaSpecs": _obj({t: _ref("replicaSpec") for t in REPLICA_TYPES}, ("Master",)),
+            "runPolicy": _obj({
+                "backoffLimit": _NONNEG,
+                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+                "ttlSecondsAfterFinished": _NONNEG,
+                "cleanPodPolicy": {"enum": ["All", "Running", "None"]},
+                "schedulingPolicy": _obj({"minAvailable": {"type": "integer", "minimum": 1},
+                                          "queue": {"type": "string", "minLength": 1},
+                                          "priorityClass": _ref("dns1123subdomain")}, ("minAvailable",)),
+            }, ("backoffLimit", "cleanPodPolicy")),
+        }, ("nprocPerNode", "pytorchReplicaSpecs", "runPolicy")),
+    }, ("spec",)),
+    ("v1", "Service"): _obj({
+        "spec": _obj({
+            "type": {"const": "ClusterIP"},
+            "selector": _ref("labels"),
+            "ports": _array(_obj({"name": {"type": "string", "pattern": PORT_NAME}, "port": _PORT,
+                                  "targetPort": {"type": "string", "pattern": PORT_NAME},
+                                  "protocol": {"const": "TCP"}}, ("name", "port", "targetPort", "protocol")),
+                            minItems=1),
+        }, ("type", "selector", "ports")),
+    }, ("spec",)),
+    ("monitoring.coreos.com/v1", "PodMonitor"): _obj({
+        "spec": _obj({
+            "jobLabel": _STR,
+            "selector": _obj({"matchLabels": _ref("labels")}, ("matchLabels",)),
+            "podMetricsEndpoints": _array(_obj({
+                "port": {"type": "string", "pattern": PORT_NAME},
+                "path": {"type": "string", "pattern": "^/"},
+                "interval": {"type": "string", "pattern": PROM_DURATION},
+                "honorLabels": _BOOL,
+            }, ("port", "path", "interval")), minItems=1),
+        }, ("selector", "podMetricsEndpoints")),
+    }, ("spec",)),
+}
+
+
+def _document_schema(api_version: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    properties = {"apiVersion": {"const": api_version}, "kind": {"const": kind},
+                  "metadata": _ref("metadata"), **body["properties"]}
+    return {**body, "properties": properties, "required": ["apiVersion", "kind", "metadata", *body["required"]]}
+
+
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "Kubernetes objects rendered by fljob",
+    "$defs": DEFS,
+    "oneOf": [_document_schema(api, kind, body) for (api, kind), body in KINDS.items()],
+}
+
+
+# --------------------------------------------------------------------------- interpreter
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
+_patterns: dict[str, re.Pattern[str]] = {}
+
+
+def _pattern(text: str) -> re.Pattern[str]:
+    # `$` would also match before a final newline in Python; a name never ends with one.
+    if text not in _patterns:
+        _patterns[text] = re.compile(text[:-1] + r"\Z" if text.endswith("$") else text)
+    return _patterns[text]
+
+
+def _type_ok(value: Any, name: str) -> bool:
+    if name == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, _TYPES[name])
+
+
+def _errors(value: Any, schema: dict[str, Any], path: str) -> Iterator[str]:
+    """Errors of `value` against `schema`, for the keywords SCHEMA uses (and no others)."""
+    if "$ref" in schema:
+        yield from _errors(value, DEFS[schema["$ref"].rsplit("/", 1)[1]], path)
+        return
+    if "type" in schema and not _type_ok(value, schema["type"]):
+        yield f"{path}: expected {schema['type']}, got {type(value).__name__} {value!r}"
+        return
+    if "const" in schema and value != schema["const"]:
+        yield f"{path}: must be {schema['const']!r}, got {value!r}"
+    if "enum" in schema and value not in schema["enum"]:
+        yield f"{path}: must be one of {schema['enum']}, got {value!r}"
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
+            yield f"{path}: length {len(value)} is outside the allowed range"
+        if "pattern" in schema and not _pattern(schema["pattern"]).search(value):
+            yield f"{path}: {value!r} does not match {schema['pattern']}"
+    if _type_ok(value, "integer"):
+        if value < schema.get("minimum", value) or value > schema.get("maximum", value):
+            yield f"{path}: {value} is out of range"
+    if isinstance(value, dict):
+        yield from _object_errors(value, schema, path)
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
+            yield f"{path}: {len(value)} items is outside the allowed range"
+        for i, item in enumerate(value):
+            yield from _errors(item, schema.get("items", {}), f"{path}[{i}]")
+
+
+def _object_errors(value: dict[str, Any], schema: dict[str, Any], path: str) -> Iterator[str]:
+    for key in schema.get("required", ()):
+        if key not in value:
+            yield f"{path}: {key} is required"
+    if not schema.get("minProperties", 0) <= len(value) <= schema.get("maxProperties", len(value)):
+        yield f"{path}: {len(value)} fields is outside the allowed range"
+    properties = schema.get("properties", {})
+    extra = schema.get("additionalProperties", True)
+    for key, item in value.items():
+        if "propertyNames" in schema:
+            yield from _errors(key, schema["propertyNames"], f"{path} key")
+        if key in properties:
+            yield from _errors(item, properties[key], f"{path}.{key}")
+        elif extra is False:
+            yield f"{path}: unexpected field {key!r}"
+        elif isinstance(extra, dict):
+            yield from _errors(item, extra, f"{path}.{key}")
+
+
+def schema_errors(obj: dict[str, Any]) -> list[str]:
+    """Errors of one rendered object against the schema of its kind."""
+    key = (obj.get("apiVersion"), obj.get("kind"))
+    if key not in KINDS:
+        return [f"$: fljob does not render {key[0]}/{key[1]}"]
+    return list(_errors(obj, _document_schema(*key, KINDS[key]), "$"))
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def webhook_errors(job: dict[str, Any]) -> list[str]:
+    """The training operator's admission rules for a PyTorchJob that its CRD schema lacks."""
+    errors = []
+    name = job["metadata"]["name"]
+    if len(name) > 63 or not DNS1035.match(name):
+        errors.append(f"metadata.name {name!r} must be a DNS-1035 label of at most 63 characters")
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    for rtype, rspec in specs.items():
+        if rtype not in REPLICA_TYPES:
+            errors.append(f"replica type {rtype!r} is not one of {REPLICA_TYPES}")
+        containers = rspec["template"]["spec"]["containers"]
+        if not any(c.get("name") == CONTAINER_NAME and c.get("image") for c in containers):
+            errors.append(f"{rtype}: needs a container named {CONTAINER_NAME!r} with an image")
+    if specs.get("Master", {}).get("replicas") != 1:
+        errors.append("Master must have exactly 1 replica")
+    if "Worker" in specs and specs["Worker"].get("replicas", 0) < 1:
+        errors.append("Worker, when present, needs at least 1 replica")
+    return errors
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def reference_errors(objects: list[dict[str, Any]]) -> list[str]:
+    """Cross references: volumes name the ConfigMap, selectors pick the master pod, ports exist."""
+    by_kind = {o["kind"]: o for o in objects}
+    job = by_kind["PyTorchJob"]
+    errors = []
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    configmaps = [v["configMap"]["name"] for v in master["spec"]["volumes"] if "configMap" in v]
+    if configmaps != [by_kind["ConfigMap"]["metadata"]["name"]]:
+        errors.append(f"the pods mount ConfigMaps {configmaps}, not the rendered one")
+    for rtype, rspec in job["spec"]["pytorchReplicaSpecs"].items():
+        spec = rspec["template"]["spec"]
+        volumes = {v["name"] for v in spec["volumes"]}
+        for c in spec["containers"]:
+            missing = {m["name"] for m in c["volumeMounts"]} - volumes
+            if missing:
+                errors.append(f"{rtype}: mounts undeclared volumes {sorted(missing)}")
+            names = [e["name"] for e in c["env"]]
+            if len(names) != len(set(names)):
+                errors.append(f"{rtype}: duplicate environment variables in {names}")
+    ports = {p["name"] for p in master["spec"]["containers"][0]["ports"]}
+    labels = master["metadata"]["labels"]
+    if "Service" in by_kind:
+        svc = by_kind["Service"]["spec"]
+        if not _selects(svc["selector"], labels):
+            errors.append("the metrics Service does not select the master pod")
+        if "Worker" in job["spec"]["pytorchReplicaSpecs"] and _selects(
+                svc["selector"], job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"]):
+            errors.append("the metrics Service also selects the worker pods")
+        errors += [f"the Service targets port {p['targetPort']!r}, which the master does not declare"
+                   for p in svc["ports"] if p["targetPort"] not in ports]
+    if "PodMonitor" in by_kind:
+        pm = by_kind["PodMonitor"]["spec"]
+        if not _selects(pm["selector"]["matchLabels"], labels):
+            errors.append("the PodMonitor does not select the master pod")
+        errors += [f"the PodMonitor scrapes port {e['port']!r}, which the master does not declare"
+                   for e in pm["podMetricsEndpoints"] if e["port"] not in ports]
+    return errors
+
+
+class RenderBug(AssertionError):
+    """fljob rendered an object its own schema rejects: a bug in fljob, not in the spec."""
+
+
+def validate(objects: list[dict[str, Any]]) -> None:
+    """Raise RenderBug listing every schema, webhook and cross-reference error."""
+    errors = [f"{o.get('kind')} {o.get('metadata', {}).get('name')}: {e}" for o in objects for e in schema_errors(o)]
+    if not errors:
+        errors += [f"PyTorchJob: {e}" for o in objects if o["kind"] == "PyTorchJob" for e in webhook_errors(o)]
+        errors += reference_errors(objects)
+    if errors:
+        raise RenderBug("fljob rendered invalid Kubernetes objects (a bug in fljob; please report it):\n  "
+                        + "\n  ".join(errors))

@@ -1,0 +1,346 @@
+"""Render a job spec into one multi-document manifest for `kubectl apply -f`.
+
+Objects, in this order: a ConfigMap `<name>-spec` with the resolved spec (mounted read-only at
+/etc/fljob in every pod), the Kubeflow `PyTorchJob` (kubeflow.org/v1: Master with one replica,
+Worker with nodes-1, container `pytorch`), and when metrics are on a Service `<name>-metrics`
+and a PodMonitor `<name>` for the master pod's `metrics` port.
+
+How the pods start. The training operator sets MASTER_ADDR/MASTER_PORT (the master pod's
+Service and the `pytorchjob-port` declared here), PET_NNODES and PET_NODE_RANK (0 on the
+master, 1.. on the workers). The container runs a fixed /bin/sh script that starts `fljob
+launch` with torchrun's *static* rendezvous on those variables: node rank 0 is then the master
+pod, so global rank 0, which serves /metrics, is always where the Service and the PodMonitor
+look (c10d would order nodes by host name). The script forwards SIGTERM (Kubernetes' pre-kill
+signal; sh as PID 1 would drop it) to the launcher, and maps the trainer's requeue exit code to
+138, the code the operator's `ExitCode` restart policy treats as retryable (75 counts as a
+permanent failure there). No spec value reaches the script: it reads only environment
+variables, and the only numbers in it are integers from the validated spec.
+
+Secret values never appear: credentials are `secretKeyRef`s naming a Secret and a key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from fljob.backends import k8s_schema
+from fljob.backends.base import (
+    GENERATED_BY,
+    SPEC_FILE,
+    TASK_ARGV,
+    RenderedFile,
+    Task,
+    reserved_env_fields,
+    secret_field,
+    secret_refs,
+)
+from fljob.exitcodes import REQUEUE
+from fljob.spec import JobSpec, Problem, SpecError, dump_spec, problem_at
+from fljob.spec.models import LABEL_KEY, Toleration
+
+MANIFEST_FILE = "job.k8s.yaml"
+SPEC_DIR = "/etc/fljob"
+SPEC_PATH = f"{SPEC_DIR}/{SPEC_FILE}"
+# The operator reads MASTER_PORT from the pytorch container's port of this name; its webhook
+# would add it with this default value, so rendering it keeps `kubectl apply` free of drift.
+RDZV_PORT_NAME = "pytorchjob-port"
+RDZV_PORT = 23456
+METRICS_PORT_NAME = "metrics"
+# training-operator: with restartPolicy ExitCode, 130/137/143 (signals) and 138 ("user-defined
+# retryable", 128 + SIGUSR1) restart the pod; every other non-zero code fails the job.
+RETRYABLE_EXIT = 138
+
+# Labels fljob owns; the Service and the PodMonitor select pods by them.
+NAME_LABEL, INSTANCE_LABEL, JOB_LABEL, ROLE_LABEL, TASK_LABEL = (
+    "app.kubernetes.io/name", "app.kubernetes.io/instance", "fljob.dev/job", "fljob.dev/role", "fljob.dev/task")
+OWNED_LABELS = (NAME_LABEL, INSTANCE_LABEL, "app.kubernetes.io/managed-by", JOB_LABEL, ROLE_LABEL, TASK_LABEL)
+
+_DURATION = re.compile(k8s_schema.PROM_DURATION)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check(spec: JobSpec) -> None:
+    """Kubernetes-specific requirements a generic spec does not carry."""
+    k = spec.kubernetes
+    problems: list[Problem] = []
+    if not spec.image:
+        problems.append(problem_at(spec, "image", "Kubernetes runs a container image: set image "
+                                   "(e.g. image: ghcr.io/you/fljob:0.1.0)."))
+    for target, ref in sorted(secret_refs(spec).items()):
+        if ref.k8s_secret is None:
+            problems.append(problem_at(spec, secret_field(spec, target),
+                                       "has no k8s_secret; on Kubernetes the value comes from a Secret: add "
+                                       f"k8s_secret: {{name: <secret>, key: <key>}} (a Secret in namespace {k.namespace})."))
+    problems += [problem_at(spec, field, "is set by the launcher, the training operator or fljob itself; "
+                            "setting it would change how the job starts. Remove it.")
+                 for field in reserved_env_fields(spec)]
+    for field, keys in (("kubernetes.labels", k.labels), ("kubernetes.pod_monitor.labels", k.pod_monitor.labels)):
+        problems += [problem_at(spec, f"{field}.{key}", "fljob sets this label itself (its selectors use it); "
+                                "use another key.") for key in sorted(set(keys) & set(OWNED_LABELS))]
+    problems += [problem_at(spec, f"kubernetes.annotations.{key}", "is not a valid annotation key "
+                            "(an optional DNS prefix and '/', then a name of at most 63 characters).")
+                 for key in sorted(k.annotations) if not LABEL_KEY.match(key) or len(key.rsplit("/", 1)[-1]) > 63]
+    if k.affinity is not None:
+        problems += [problem_at(spec, f"kubernetes.affinity.{key}", "is not an affinity kind; use nodeAffinity, "
+                                "podAffinity or podAntiAffinity (camelCase, as in a pod spec).")
+                     for key in k.affinity if key not in ("nodeAffinity", "podAffinity", "podAntiAffinity")]
+    interval = k.pod_monitor.interval
+    if spec.metrics.enabled and k.pod_monitor.enabled and not (interval and _DURATION.fullmatch(interval)):
+        problems.append(problem_at(spec, "kubernetes.pod_monitor.interval",
+                                   f"{k.pod_monitor.interval!r} is not a Prometheus duration; use e.g. 15s or 1m."))
+    last_pod = pod_names(spec)[-1]
+    if len(last_pod) > 63:
+        problems.append(problem_at(spec, "name", f"the operator names a pod and its Service {last_pod!r}, longer "
+                                   "than Kubernetes' 63 characters: shorten the name or use fewer nodes."))
+    if problems:
+        raise SpecError(spec.origin(), problems)
+
+
+def pod_names(spec: JobSpec) -> list[str]:
+    """The pods the training operator creates (and the per-pod Services named like them)."""
+    return [f"{spec.name}-master-0", *(f"{spec.name}-worker-{i}" for i in range(spec.resources.nodes - 1))]
+
+
+# --------------------------------------------------------------------------- objects
+
+
+def selector_labels(spec: JobSpec) -> dict[str, str]:
+    """The labels every object of the job carries; kubectl -l fljob.dev/job=<name> finds them all."""
+    return {NAME_LABEL: "fljob", INSTANCE_LABEL: spec.name, JOB_LABEL: spec.name}
+
+
+def _labels(spec: JobSpec, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**selector_labels(spec), "app.kubernetes.io/managed-by": "fljob",
+            **dict(sorted(spec.kubernetes.labels.items())), **(extra or {})}
+
+
+def _metadata(spec: JobSpec, name: str, labels: dict[str, str], annotations: bool = False) -> dict[str, Any]:
+    """Object metadata; the spec's annotations go on the job and its pods only."""
+    out: dict[str, Any] = {"name": name, "namespace": spec.kubernetes.namespace, "labels": labels}
+    if annotations and spec.kubernetes.annotations:
+        out["annotations"] = dict(sorted(spec.kubernetes.annotations.items()))
+    return out
+
+
+def container_script(spec: JobSpec, task: Task) -> str:
+    """The pod's /bin/sh program: static rendezvous on the operator's variables, SIGTERM
+    forwarded, the requeue code made retryable. No `$(`: Kubernetes would expand it."""
+    launch = " ".join([
+        "fljob launch",
+        "--rdzv-backend=static",
+        '--nnodes="$PET_NNODES"',
+        '--node-rank="$PET_NODE_RANK"',
+        '--master-addr="$MASTER_ADDR"',
+        '--master-port="$MASTER_PORT"',
+        f"--nproc-per-node={spec.resources.nproc_per_node}",
+        "--",
+        *TASK_ARGV[task],
+        '"$FLJOB_SPEC"',
+    ])
+    return f"""\
+set -u
+if [ -z "${{MASTER_ADDR:-}}" ] || [ -z "${{MASTER_PORT:-}}" ] || [ -z "${{PET_NNODES:-}}" ] || [ -z "${{PET_NODE_RANK:-}}" ]; then
+  echo "fljob: MASTER_ADDR, MASTER_PORT, PET_NNODES and PET_NODE_RANK must be set by the Kubeflow training operator (PyTorchJob v1)" >&2
+  exit 2
+fi
+child=""
+signalled=0
+forward_term() {{
+  signalled=1
+  echo "fljob: SIGTERM received; forwarding to the launcher (the trainer checkpoints and stops)" >&2
+  [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
+}}
+trap forward_term TERM
+echo "fljob: node $PET_NODE_RANK of $PET_NNODES, rendezvous $MASTER_ADDR:$MASTER_PORT"
+{launch} &
+child=$!
+while :; do
+  signalled=0
+  wait "$child"
+  rc=$?
+  [ "$signalled" = 1 ] || break
+done
+if [ "$rc" -eq {REQUEUE} ]; then
+  echo "fljob: the trainer checkpointed and asks to be restarted; exiting {RETRYABLE_EXIT} (retryable under restartPolicy ExitCode)" >&2
+  exit {RETRYABLE_EXIT}
+fi
+echo "fljob: launcher finished with exit code $rc"
+exit "$rc"
+"""
+
+
+def _env(spec: JobSpec) -> list[dict[str, Any]]:
+    fixed = {
+        "FLJOB_JOB_NAME": spec.name,
+        "FLJOB_RUN_ID": spec.name,  # the PyTorchJob's name: stable across pod restarts, like a SLURM job id
+        "FLJOB_BACKEND": "k8s",
+        "FLJOB_RUN_DIR": spec.resolved_run_dir,
+        "FLJOB_SPEC": SPEC_PATH,
+    }
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in fixed.items()]
+    env += [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
+    for target, ref in sorted(secret_refs(spec).items()):
+        assert ref.k8s_secret is not None  # check() requires it
+        env.append({"name": target, "valueFrom": {"secretKeyRef": {"name": ref.k8s_secret.name,
+                                                                   "key": ref.k8s_secret.key}}})
+    return env
+
+
+def _resources(spec: JobSpec) -> dict[str, Any]:
+    r = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if r.cpus_per_node:
+        requests["cpu"] = str(r.cpus_per_node)
+    if r.memory_gib:
+        requests["memory"] = f"{r.memory_gib}Gi"
+    if r.gpus_per_node:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(r.gpus_per_node)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def _pod_template(spec: JobSpec, task: Task, role: str) -> dict[str, Any]:
+    k = spec.kubernetes
+    ports = [{"name": RDZV_PORT_NAME, "containerPort": RDZV_PORT, "protocol": "TCP"}]
+    if role == "master" and spec.metrics.enabled:
+        ports.append({"name": METRICS_PORT_NAME, "containerPort": spec.metrics.port, "protocol": "TCP"})
+    container: dict[str, Any] = {
+        "name": k8s_schema.CONTAINER_NAME,
+        "image": spec.image,
+        "imagePullPolicy": k.image_pull_policy,
+        "command": ["/bin/sh", "-c", container_script(spec, task)],
+        "env": _env(spec),
+        "ports": ports,
+    }
+    resources = _resources(spec)
+    if resources:
+        container["resources"] = resources
+    container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"},
+                                 {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
+                    {"name": "spec", "configMap": {"name": f"{spec.name}-spec",
+                                                   "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}}],
+        "terminationGracePeriodSeconds": k.termination_grace_seconds,
+        "automountServiceAccountToken": False,  # the trainer never calls the Kubernetes API
+    }
+    optional: dict[str, Any] = {
+        "serviceAccountName": k.service_account,
+        "nodeSelector": dict(sorted(k.node_selector.items())) or None,
+        "tolerations": [_toleration(t) for t in k.tolerations] or None,
+        "affinity": k.affinity,
+        "priorityClassName": k.priority_class,
+        "schedulerName": k.scheduler_name,
+        "imagePullSecrets": [{"name": n} for n in k.image_pull_secrets] or None,
+    }
+    pod.update({key: value for key, value in optional.items() if value is not None})
+    metadata: dict[str, Any] = {"labels": _labels(spec, {ROLE_LABEL: role, TASK_LABEL: task})}
+    if k.annotations:
+        metadata["annotations"] = dict(sorted(k.annotations.items()))
+    return {"metadata": metadata, "spec": pod}
+
+
+def _toleration(t: Toleration) -> dict[str, Any]:
+    fields = {"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect,
+              "tolerationSeconds": t.toleration_seconds}
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def pytorchjob(spec: JobSpec, task: Task) -> dict[str, Any]:
+    k = spec.kubernetes
+    replicas = {"Master": 1, "Worker": spec.resources.nodes - 1}
+    run_policy: dict[str, Any] = {"backoffLimit": k.backoff_limit}
+    if k.active_deadline_seconds is not None:
+        run_policy["activeDeadlineSeconds"] = k.active_deadline_seconds
+    if k.ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
+    run_policy["cleanPodPolicy"] = k.clean_pod_policy
+    if k.queue or k.priority_class:
+        scheduling = {"minAvailable": spec.resources.nodes, "queue": k.queue, "priorityClass": k.priority_class}
+        run_policy["schedulingPolicy"] = {key: v for key, v in scheduling.items() if v is not None}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _metadata(spec, spec.name, _labels(spec, {TASK_LABEL: task}), annotations=True),
+        "spec": {
+            "nprocPerNode": str(spec.resources.nproc_per_node),
+            "pytorchReplicaSpecs": {
+                rtype: {"replicas": n, "restartPolicy": k.restart_policy,
+                        "template": _pod_template(spec, task, rtype.lower())}
+                for rtype, n in replicas.items() if n > 0
+            },
+            "runPolicy": run_policy,
+        },
+    }
+
+
+def master_selector(spec: JobSpec) -> dict[str, str]:
+    return {**selector_labels(spec), ROLE_LABEL: "master"}
+
+
+def objects(spec: JobSpec, task: Task = "train") -> list[dict[str, Any]]:
+    """The Kubernetes objects of the job, as plain data in a fixed order."""
+    out: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(spec, f"{spec.name}-spec", _labels(spec)),
+         "data": {SPEC_FILE: dump_spec(spec)}},
+        pytorchjob(spec, task),
+    ]
+    if spec.metrics.enabled:
+        port = {"name": METRICS_PORT_NAME, "port": spec.metrics.port, "targetPort": METRICS_PORT_NAME,
+                "protocol": "TCP"}
+        out.append({"apiVersion": "v1", "kind": "Service", "metadata": _metadata(spec, f"{spec.name}-metrics", _labels(spec)),
+                    "spec": {"type": "ClusterIP", "selector": master_selector(spec), "ports": [port]}})
+        pm = spec.kubernetes.pod_monitor
+        if pm.enabled:
+            out.append({
+                "apiVersion": "monitoring.coreos.com/v1",
+                "kind": "PodMonitor",
+                "metadata": _metadata(spec, spec.name, _labels(spec, dict(sorted(pm.labels.items())))),
+                "spec": {
+                    # Prometheus' `job` label becomes the job name; the trainer's own job/run_id
+                    # labels win over the target's (honorLabels).
+                    "jobLabel": JOB_LABEL,
+                    "selector": {"matchLabels": master_selector(spec)},
+                    "podMetricsEndpoints": [{"port": METRICS_PORT_NAME, "path": "/metrics",
+                                             "interval": pm.interval, "honorLabels": True}],
+                },
+            })
+    return out
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, multi-line strings as literal blocks, never anchors/aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(docs: list[dict[str, Any]]) -> str:
+    """One multi-document YAML text; key order is the order the objects were built in."""
+    body = yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                         explicit_start=True, width=1 << 16)
+    return f"# {GENERATED_BY}\n{body}"
+
+
+def render(spec: JobSpec, task: Task = "train") -> list[RenderedFile]:
+    """One file for `kubectl apply -f`, checked against fljob's own schema before it is returned."""
+    check(spec)
+    docs = objects(spec, task)
+    k8s_schema.validate(docs)
+    return [RenderedFile(MANIFEST_FILE, to_yaml(docs))]

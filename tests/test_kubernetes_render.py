@@ -1,0 +1,599 @@
+"""The Kubernetes backend: the rendered manifest, its validation, the pod's command, kubectl I/O.
+
+No Kubernetes API server exists here (nor can one be installed offline), so the manifest is
+checked three ways instead: fljob's own schema (which `render` also runs), the official
+PyTorchJob CRD schema from ../shared/schemas (with unknown fields rejected, as kubectl's strict
+field validation does), and the Kubernetes OpenAPI schema through kubernetes-validate. The
+pod's /bin/sh program runs for real against a recording stand-in for `fljob`, and the kubectl
+command lines are checked exactly; the one real kubectl run talks to a closed port.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from fljob import cli
+from fljob.backends import k8s_schema, kubernetes, kubernetes_render
+from fljob.backends.base import Handle
+from fljob.errors import UsageError
+from fljob.exitcodes import REQUEUE
+from fljob.spec import JobSpec, SpecError, load_spec, load_spec_text
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden" / "k8s"
+CRD_DIR = REPO.parent / "shared" / "schemas" / "kubeflow"
+CRD_FILE = CRD_DIR / "kubeflow.org_pytorchjobs.v1.9.4.yaml"
+K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest and newest Kubernetes the operator 1.9 era runs on
+GOLDEN_SPECS = ("cpu-1node", "gpu-4node")
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+
+
+def spec_of(stem: str, overrides: list[str] = ()) -> JobSpec:
+    return load_spec(GOLDEN / f"{stem}.spec.yaml", overrides)
+
+
+def docs_of(spec: JobSpec, task: str = "train") -> list[dict[str, Any]]:
+    (rendered,) = kubernetes_render.render(spec, task)  # type: ignore[arg-type]
+    return list(yaml.safe_load_all(rendered.content))
+
+
+def by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["kind"]: d for d in docs}
+
+
+def pod_spec(job: dict[str, Any], rtype: str = "Master") -> dict[str, Any]:
+    return job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]
+
+
+# --------------------------------------------------------------------------- golden files
+
+
+@pytest.mark.parametrize("stem", GOLDEN_SPECS)
+def test_golden(stem: str) -> None:
+    """Set FLJOB_UPDATE_GOLDEN=1 to accept a deliberate change (then review the git diff)."""
+    (rendered,) = kubernetes_render.render(spec_of(stem))
+    path = GOLDEN / f"{stem}.train.k8s.yaml"
+    if os.environ.get("FLJOB_UPDATE_GOLDEN") == "1":
+        path.write_text(rendered.content)
+    expected = path.read_text() if path.exists() else ""
+    if rendered.content != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), rendered.content.splitlines(True),
+                                            str(path), "rendered"))
+        pytest.fail(f"{path.name} differs from the render (FLJOB_UPDATE_GOLDEN=1 to accept):\n{diff}")
+
+
+def test_render_is_byte_stable_whatever_the_order_of_mappings_in_the_spec() -> None:
+    text = (GOLDEN / "gpu-4node.spec.yaml").read_text()
+    reordered = text.replace("env: {NCCL_DEBUG: WARN, TORCH_NCCL_ASYNC_ERROR_HANDLING: \"1\"}",
+                             "env: {TORCH_NCCL_ASYNC_ERROR_HANDLING: \"1\", NCCL_DEBUG: WARN}")
+    reordered = reordered.replace("labels: {team: pretraining, kueue.x-k8s.io/queue-name: llm}",
+                                  "labels: {kueue.x-k8s.io/queue-name: llm, team: pretraining}")
+    assert reordered != text
+    first = kubernetes_render.render(load_spec_text(text, "a.yaml"))[0].content
+    again = kubernetes_render.render(load_spec_text(text, "a.yaml"))[0].content
+    other = kubernetes_render.render(load_spec_text(reordered, "b.yaml"))[0].content
+    assert first == again
+    # the ConfigMap's spec keeps the user's order; everything fljob builds itself is sorted
+    strip = lambda t: [d for d in yaml.safe_load_all(t) if d["kind"] != "ConfigMap"]  # noqa: E731
+    assert yaml.safe_dump_all(strip(first), sort_keys=False) == yaml.safe_dump_all(strip(other), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_four_node_job_has_one_master_three_workers_and_the_spec_settings() -> None:
+    docs = docs_of(spec_of("gpu-4node"))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob", "Service", "PodMonitor"]
+    kinds = by_kind(docs)
+    job = kinds["PyTorchJob"]
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["metadata"]["namespace"] == "llm-training"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert {t: r["replicas"] for t, r in replicas.items()} == {"Master": 1, "Worker": 3}
+    assert {r["restartPolicy"] for r in replicas.values()} == {"ExitCode"}
+    assert job["spec"]["nprocPerNode"] == "8"
+    assert job["spec"]["runPolicy"] == {
+        "backoffLimit": 5, "activeDeadlineSeconds": 604800, "ttlSecondsAfterFinished": 86400,
+        "cleanPodPolicy": "All",
+        "schedulingPolicy": {"minAvailable": 4, "queue": "llm-queue", "priorityClass": "training-high"},
+    }
+    for rtype in ("Master", "Worker"):
+        pod = pod_spec(job, rtype)
+        (c,) = pod["containers"]
+        assert c["name"] == "pytorch" and c["image"] == "ghcr.io/example/fljob:0.1.0"
+        assert c["imagePullPolicy"] == "Always"
+        assert c["resources"] == {"requests": {"cpu": "96", "memory": "900Gi", "nvidia.com/gpu": "8"},
+                                  "limits": {"nvidia.com/gpu": "8"}}
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        assert {"name": "spec", "mountPath": "/etc/fljob", "readOnly": True} in c["volumeMounts"]
+        assert pod["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute", "tolerationSeconds": 600}]
+        assert pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0][
+            "topologyKey"] == "kubernetes.io/hostname"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert (pod["priorityClassName"], pod["schedulerName"], pod["serviceAccountName"]) == (
+            "training-high", "volcano", "fljob-trainer")
+        assert pod["imagePullSecrets"] == [{"name": "registry-creds"}]
+        assert pod["terminationGracePeriodSeconds"] == 300
+        meta = job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["metadata"]
+        assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert meta["labels"]["team"] == "pretraining" and meta["labels"]["fljob.dev/role"] == rtype.lower()
+    env = pod_spec(job)["containers"][0]["env"]
+    assert env[:5] == [
+        {"name": "FLJOB_JOB_NAME", "value": "mup-7b"}, {"name": "FLJOB_RUN_ID", "value": "mup-7b"},
+        {"name": "FLJOB_BACKEND", "value": "k8s"}, {"name": "FLJOB_RUN_DIR", "value": "runs/mup-7b"},
+        {"name": "FLJOB_SPEC", "value": "/etc/fljob/spec.yaml"}]
+    assert {"name": "NCCL_DEBUG", "value": "WARN"} in env
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+    assert refs == {"AWS_ACCESS_KEY_ID": {"name": "s3-credentials", "key": "access-key-id"},
+                    "AWS_SECRET_ACCESS_KEY": {"name": "s3-credentials", "key": "secret-access-key"},
+                    "WANDB_API_KEY": {"name": "wandb", "key": "api-key"}}
+    # the ConfigMap carries the resolved spec the pods read
+    assert load_spec_text(kinds["ConfigMap"]["data"]["spec.yaml"]).model_dump() == spec_of("gpu-4node").model_dump()
+
+
+def test_metrics_service_and_podmonitor_select_only_the_master_pod_port() -> None:
+    kinds = by_kind(docs_of(spec_of("gpu-4node")))
+    replicas = kinds["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]
+    master_labels = replicas["Master"]["template"]["metadata"]["labels"]
+    worker_labels = replicas["Worker"]["template"]["metadata"]["labels"]
+    selects = lambda sel, labels: all(labels.get(k) == v for k, v in sel.items())  # noqa: E731
+    svc, pm = kinds["Service"], kinds["PodMonitor"]
+    for selector in (svc["spec"]["selector"], pm["spec"]["selector"]["matchLabels"]):
+        assert selects(selector, master_labels) and not selects(selector, worker_labels)
+    master_ports = {p["name"]: p["containerPort"] for p in pod_spec(kinds["PyTorchJob"])["containers"][0]["ports"]}
+    worker_ports = {p["name"] for p in pod_spec(kinds["PyTorchJob"], "Worker")["containers"][0]["ports"]}
+    assert master_ports == {"pytorchjob-port": 23456, "metrics": 9470} and worker_ports == {"pytorchjob-port"}
+    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 9470, "targetPort": "metrics", "protocol": "TCP"}]
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["metadata"]["labels"]["release"] == "prom"
+    assert pm["spec"]["podMetricsEndpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "30s", "honorLabels": True}]
+    assert master_labels[pm["spec"]["jobLabel"]] == "mup-7b"
+
+
+def test_one_node_job_has_no_worker_and_metrics_objects_follow_the_spec() -> None:
+    docs = docs_of(spec_of("cpu-1node"))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob", "Service"]  # pod_monitor disabled
+    job = by_kind(docs)["PyTorchJob"]
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    assert "ttlSecondsAfterFinished" not in job["spec"]["runPolicy"]
+    assert "schedulingPolicy" not in job["spec"]["runPolicy"]
+    c = pod_spec(job)["containers"][0]
+    assert c["resources"] == {"requests": {"cpu": "4", "memory": "8Gi"}}
+    docs = docs_of(spec_of("cpu-1node", ["metrics.enabled=false"]))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
+    assert [p["name"] for p in pod_spec(docs[1])["containers"][0]["ports"]] == ["pytorchjob-port"]
+
+
+def test_doctor_task_runs_the_distributed_preflight() -> None:
+    job = by_kind(docs_of(spec_of("cpu-1node"), "doctor"))["PyTorchJob"]
+    script = pod_spec(job)["containers"][0]["command"][2]
+    assert '-- doctor --distributed "$FLJOB_SPEC" &' in script
+    assert job["metadata"]["labels"]["fljob.dev/task"] == "doctor"
+
+
+# --------------------------------------------------------------------------- check()
+
+
+@pytest.mark.parametrize("change, fields, words", [
+    ({"image": None}, "image", "set image"),
+    ({"secret_env": {"HF_TOKEN": {"env": "HF_TOKEN"}}}, "secret_env.HF_TOKEN", "k8s_secret"),
+    ({"storage": {"access_key_id": {"env": "AK"}, "secret_access_key": {"env": "SK"}}},
+     "storage.access_key_id,storage.secret_access_key", "k8s_secret"),
+    ({"env": {"MASTER_ADDR": "evil"}}, "env.MASTER_ADDR", "change how the job starts"),
+    ({"env": {"FLJOB_SPEC": "/tmp/other.yaml"}}, "env.FLJOB_SPEC", "change how the job starts"),
+    ({"kubernetes": {"labels": {"fljob.dev/role": "worker"}}}, "kubernetes.labels.fljob.dev/role",
+     "sets this label itself"),
+    ({"kubernetes": {"annotations": {"bad key": "x"}}}, "kubernetes.annotations.bad key", "annotation key"),
+    ({"kubernetes": {"affinity": {"nodeAfinity": {}}}}, "kubernetes.affinity.nodeAfinity", "nodeAffinity"),
+    ({"kubernetes": {"pod_monitor": {"interval": "15 sec"}}}, "kubernetes.pod_monitor.interval",
+     "Prometheus duration"),
+    ({"name": "n" * 52, "resources": {"nodes": 2000}}, "name", "63 characters"),
+])
+def test_check_names_the_field_and_the_fix(change: dict[str, Any], fields: str, words: str) -> None:
+    spec = load_spec_text(yaml.safe_dump({"name": "bad", "image": "i", **change}), "spec.yaml")
+    with pytest.raises(SpecError) as err:
+        kubernetes_render.check(spec)
+    assert [p.field for p in err.value.problems] == fields.split(",")
+    for problem in err.value.problems:
+        assert words in problem.message and problem.origin.startswith("spec.yaml:")
+
+
+def test_golden_specs_pass_check() -> None:
+    for stem in GOLDEN_SPECS:
+        kubernetes_render.check(spec_of(stem))
+    kubernetes_render.check(load_spec(REPO / "configs" / "kubernetes.yaml"))
+
+
+# --------------------------------------------------------------------------- fljob's own schema
+
+
+def all_rendered() -> list[list[dict[str, Any]]]:
+    specs = [spec_of(stem) for stem in GOLDEN_SPECS] + [load_spec(REPO / "configs" / "kubernetes.yaml"),
+                                                        spec_of("cpu-1node", ["metrics.enabled=false"])]
+    return [kubernetes_render.objects(s) for s in specs]
+
+
+def test_project_schema_is_json_schema_and_jsonschema_agrees_with_the_built_in_check() -> None:
+    jsonschema.Draft202012Validator.check_schema(k8s_schema.SCHEMA)
+    validator = jsonschema.Draft202012Validator(k8s_schema.SCHEMA)
+    for docs in all_rendered():
+        k8s_schema.validate(docs)
+        for doc in docs:
+            assert list(validator.iter_errors(doc)) == [] and k8s_schema.schema_errors(doc) == []
+
+
+def _mutate(path: tuple[Any, ...], value: Any) -> list[dict[str, Any]]:
+    docs = copy.deepcopy(kubernetes_render.objects(spec_of("gpu-4node")))
+    node: Any = docs
+    for part in path[:-1]:
+        node = node[part]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return docs
+
+
+MASTER = (1, "spec", "pytorchReplicaSpecs", "Master")
+BROKEN = {  # what a renderer bug could produce -> the part of the message that says so
+    "replicas as a string": (MASTER + ("replicas",), "2", "expected integer"),
+    "two masters": (MASTER + ("replicas",), 2, "exactly 1 replica"),
+    "container renamed": (MASTER + ("template", "spec", "containers", 0, "name"), "trainer", "'pytorch'"),
+    "unknown field": (MASTER + ("template", "spec", "containers", 0, "comand"), ["x"], "unexpected field 'comand'"),
+    "long name": ((1, "metadata", "name"), "x" * 64, "length 64"),
+    "unknown replica type": ((1, "spec", "pytorchReplicaSpecs", "Chief"), {}, "unexpected field 'Chief'"),
+    "bad restart policy": (MASTER + ("restartPolicy",), "Sometimes", "must be one of"),
+    "env with value and valueFrom": (MASTER + ("template", "spec", "containers", 0, "env", 0, "valueFrom"),
+                                     {"secretKeyRef": {"name": "s", "key": "k"}}, "fields is outside"),
+    "no image": (MASTER + ("template", "spec", "containers", 0, "image"), KeyError, "image is required"),
+    "service misses the master": ((2, "spec", "selector", "fljob.dev/role"), "worker", "does not select the master"),
+    "podmonitor on a missing port": ((3, "spec", "podMetricsEndpoints", 0, "port"), "prom", "does not declare"),
+    "configmap not mounted": (MASTER + ("template", "spec", "volumes", 1, "configMap", "name"), "other",
+                              "not the rendered one"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_render_fails_loudly_on_what_a_renderer_bug_could_produce(case: str) -> None:
+    path, value, words = BROKEN[case]
+    with pytest.raises(k8s_schema.RenderBug, match="a bug in fljob") as err:
+        k8s_schema.validate(_mutate(path, value))
+    assert words in str(err.value)
+
+
+# --------------------------------------------------------------------------- official CRD
+
+
+def _closed(schema: Any) -> Any:
+    """Reject unknown fields, as `kubectl apply` (strict field validation) and a structural
+    schema's pruning would make them fail or vanish; embedded objects stay open."""
+    if isinstance(schema, dict):
+        schema = {k: _closed(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_closed(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def crd_validator() -> jsonschema.Validator:
+    if not CRD_FILE.exists():
+        pytest.skip(f"official CRD schemas not found: {CRD_DIR} is missing (a fresh clone has no ../shared)")
+    crd = yaml.load(CRD_FILE.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(_closed(v1["schema"]["openAPIV3Schema"]))
+
+
+def test_pytorchjobs_pass_the_official_crd_schema(crd_validator: jsonschema.Validator) -> None:
+    for docs in all_rendered():
+        job = by_kind(docs)["PyTorchJob"]
+        assert [e.message for e in crd_validator.iter_errors(job)] == []
+
+
+def test_official_crd_check_would_catch_a_wrong_field(crd_validator: jsonschema.Validator) -> None:
+    job = by_kind(kubernetes_render.objects(spec_of("gpu-4node")))["PyTorchJob"]
+    job["spec"]["runPolicy"]["backofLimit"] = 3
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "1"
+    messages = " | ".join(e.message for e in crd_validator.iter_errors(job))
+    assert "'backofLimit' was unexpected" in messages and "'1' is not of type 'integer'" in messages
+
+
+# --------------------------------------------------------------------------- Kubernetes OpenAPI
+
+
+def _k8s_validate(obj: dict[str, Any], version: str) -> None:
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:  # its message embeds the whole schema
+        pytest.fail(f"{obj['kind']} {obj['metadata']['name']} ({version}): {str(exc).splitlines()[0]}")
+
+
+def as_pod_templates(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"apiVersion": "v1", "kind": "PodTemplate",
+             "metadata": {"name": f"{job['metadata']['name']}-{rtype.lower()}", "namespace": "x"},
+             "template": rspec["template"]} for rtype, rspec in job["spec"]["pytorchReplicaSpecs"].items()]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_pod_templates_configmap_and_service_pass_the_kubernetes_openapi_schema(version: str) -> None:
+    for docs in all_rendered():
+        kinds = by_kind(docs)
+        for obj in [*as_pod_templates(kinds["PyTorchJob"]), kinds["ConfigMap"], *docs[2:3]]:
+            _k8s_validate(obj, version)
+
+
+def test_kubernetes_openapi_check_would_catch_a_wrong_pod_field() -> None:
+    (template,) = as_pod_templates(by_kind(kubernetes_render.objects(spec_of("cpu-1node")))["PyTorchJob"])
+    template["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountpath"] = "/dev/shm"
+    with pytest.raises(kubernetes_validate.ValidationError, match="'mountpath' was unexpected"):
+        kubernetes_validate.validate(template, K8S_VERSIONS[-1], strict=True)
+
+
+@needs_kubectl
+def test_kubectl_reads_the_manifest_and_the_kustomize_base(tmp_path: Path) -> None:
+    """`kubectl kustomize` needs no server: it proves kubectl parses every document."""
+    kubernetes_render.render(spec_of("gpu-4node"))[0].write(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text("resources: [job.k8s.yaml]\n")
+    out = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert sorted(d["kind"] for d in yaml.safe_load_all(out)) == ["ConfigMap", "PodMonitor", "PyTorchJob", "Service"]
+    out = subprocess.run(["kubectl", "kustomize", str(REPO / "k8s")], capture_output=True, text=True,
+                         check=True).stdout
+    base = list(yaml.safe_load_all(out))
+    assert {(d["kind"], d["metadata"]["name"]) for d in base} == {("ServiceAccount", "fljob-trainer"),
+                                                                  ("Role", "fljob-submitter")}
+    for doc in base:
+        _k8s_validate({**doc, "metadata": {**doc["metadata"], "namespace": "x"}}, K8S_VERSIONS[-1])
+
+
+# --------------------------------------------------------------------------- the pod's program
+
+FAKE_FLJOB = r"""#!/bin/sh
+# Stands in for `fljob`: records its argv, then exits as told, or waits for SIGTERM.
+printf '%s\n' "$@" > "$FAKE_OUT/argv"
+if [ -n "${FAKE_WAIT_TERM:-}" ]; then
+  trap 'echo term >> "$FAKE_OUT/signals"; exit "$FAKE_RC"' TERM
+  touch "$FAKE_OUT/ready"
+  i=0
+  while [ "$i" -lt 300 ]; do sleep 0.05; i=$((i + 1)); done
+  exit 99
+fi
+exit "${FAKE_RC:-0}"
+"""
+
+
+def start_pod(tmp_path: Path, spec: JobSpec, rtype: str = "Master", **env: str) -> subprocess.Popen[str]:
+    """Run the container's command as the kubelet would, with the operator's variables."""
+    job = by_kind(docs_of(spec))["PyTorchJob"]
+    (container,) = pod_spec(job, rtype)["containers"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "fljob").write_text(FAKE_FLJOB)
+    (bin_dir / "fljob").chmod(0o755)
+    pod_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    operator_env = {"MASTER_ADDR": f"{spec.name}-master-0", "MASTER_PORT": "23456", "PET_NNODES": "4",
+                    "PET_NODE_RANK": "2", "PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_OUT": str(tmp_path)}
+    return subprocess.Popen(container["command"], env={**pod_env, **operator_env, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_pod_command_is_static_rendezvous_on_the_operator_variables(tmp_path: Path) -> None:
+    proc = start_pod(tmp_path, spec_of("gpu-4node"), "Worker")
+    assert proc.wait(10) == 0
+    assert (tmp_path / "argv").read_text().splitlines() == [
+        "launch", "--rdzv-backend=static", "--nnodes=4", "--node-rank=2", "--master-addr=mup-7b-master-0",
+        "--master-port=23456", "--nproc-per-node=8", "--", "train", "/etc/fljob/spec.yaml"]
+
+
+def test_pod_command_contains_nothing_kubernetes_would_expand() -> None:
+    """Kubernetes rewrites $(VAR) and $$ in command/args; the script must use neither."""
+    for stem in GOLDEN_SPECS:
+        job = by_kind(docs_of(spec_of(stem)))["PyTorchJob"]
+        for rspec in job["spec"]["pytorchReplicaSpecs"].values():
+            script = rspec["template"]["spec"]["containers"][0]["command"][2]
+            assert "$(" not in script and "$$" not in script
+
+
+@pytest.mark.parametrize("rc, expected", [(0, 0), (1, 1), (3, 3), (REQUEUE, kubernetes_render.RETRYABLE_EXIT)])
+def test_pod_exit_code_is_kept_except_requeue_which_becomes_retryable(tmp_path: Path, rc: int, expected: int) -> None:
+    proc = start_pod(tmp_path, spec_of("cpu-1node"), FAKE_RC=str(rc))
+    assert proc.wait(10) == expected
+
+
+def test_sigterm_reaches_the_launcher_and_the_requeue_code_makes_the_pod_retryable(tmp_path: Path) -> None:
+    proc = start_pod(tmp_path, spec_of("cpu-1node"), FAKE_WAIT_TERM="1", FAKE_RC=str(REQUEUE))
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == kubernetes_render.RETRYABLE_EXIT
+    assert (tmp_path / "signals").read_text() == "term\n"
+    assert "forwarding to the launcher" in proc.stderr.read()
+
+
+def test_pod_without_the_operator_variables_stops_with_a_clear_message(tmp_path: Path) -> None:
+    proc = start_pod(tmp_path, spec_of("cpu-1node"), PET_NODE_RANK="")
+    assert proc.wait(10) == 2
+    assert "must be set by the Kubeflow training operator" in proc.stderr.read()
+    assert not (tmp_path / "argv").exists()
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_secret_values_never_reach_the_rendered_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    planted = {"SRC_ACCESS_KEY": "AKIAPLANTED0000000001", "SRC_SECRET_KEY": "planted/secret+value=42",
+               "HF_TOKEN": "hf_plantedTokenValue123", "WANDB_API_KEY": "wandb-planted-987654"}
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
+    secret_file = tmp_path / "token"
+    secret_file.write_text("file-planted-secret\n")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(f"""
+name: leak-check
+image: localhost/fljob:dev
+run_dir: {tmp_path}/run
+storage:
+  access_key_id: {{env: SRC_ACCESS_KEY, k8s_secret: {{name: s3, key: id}}}}
+  secret_access_key: {{env: SRC_SECRET_KEY, k8s_secret: {{name: s3, key: secret}}}}
+secret_env:
+  HF_TOKEN: {{env: HF_TOKEN, file: {secret_file}, k8s_secret: {{name: hf, key: token}}}}
+  WANDB_API_KEY: {{env: WANDB_API_KEY, k8s_secret: {{name: wandb, key: api-key}}}}
+""")
+    out = tmp_path / "out"
+    assert cli.main(["render", "--backend", "k8s", str(spec_path), "-o", str(out)]) == 0
+    assert cli.main(["submit", "--backend", "k8s", "--dry-run", str(spec_path)]) == 0
+    assert cli.main(["render", "--backend", "k8s", str(spec_path), "-o", "-"]) == 0
+    written = [p for p in [*out.rglob("*"), *(tmp_path / "run").rglob("*")] if p.is_file()]
+    assert [p.name for p in written] == ["job.k8s.yaml", "job.k8s.yaml"]
+    texts = [p.read_text() for p in written] + [capsys.readouterr().out]
+    for text in texts:
+        for value in [*planted.values(), "file-planted-secret"]:
+            assert value not in text
+    env = pod_spec(by_kind(list(yaml.safe_load_all(texts[0])))["PyTorchJob"])["containers"][0]["env"]
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in env if "valueFrom" in e} == {
+        "AWS_ACCESS_KEY_ID": "s3", "AWS_SECRET_ACCESS_KEY": "s3", "HF_TOKEN": "hf", "WANDB_API_KEY": "wandb"}
+
+
+# --------------------------------------------------------------------------- kubectl
+
+HANDLE = Handle("k8s", "llm-training/mup-7b")
+
+
+def test_kubectl_command_lines() -> None:
+    assert kubernetes.apply_argv(Path("runs/mup-7b/job.k8s.yaml")) == [
+        "kubectl", "apply", "-f", "runs/mup-7b/job.k8s.yaml"]
+    assert kubernetes.status_argv(HANDLE) == [
+        "kubectl", "get", "pytorchjob", "-n", "llm-training", "mup-7b", "-o",
+        'jsonpath={range .status.conditions[*]}{.type}{"\\t"}{.status}{"\\t"}{.reason}{"\\t"}{.message}{"\\n"}{end}']
+    assert kubernetes.logs_argv(HANDLE) == ["kubectl", "logs", "-n", "llm-training", "mup-7b-master-0", "-c", "pytorch"]
+    assert kubernetes.logs_argv(HANDLE, follow=True)[-1] == "-f"
+    assert kubernetes.cancel_argv(HANDLE) == ["kubectl", "delete", "pytorchjob", "-n", "llm-training", "mup-7b"]
+
+
+@needs_kubectl
+def test_conditions_jsonpath_is_one_kubectl_understands_and_status_reads_it() -> None:
+    """kubectl evaluates jsonpath on a local object without a server (`label --local`)."""
+    obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+           "spec": {"containers": [{"name": "pytorch", "image": "i"}]},
+           "status": {"conditions": [
+               {"type": "Created", "status": "True", "reason": "PyTorchJobCreated", "message": "created"},
+               {"type": "Running", "status": "False", "reason": "PyTorchJobRunning", "message": "ran"},
+               {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed",
+                "message": "Master replica(s) failed: exit 1"}]}}
+    done = subprocess.run(["kubectl", "label", "--local", "-f", "-", "a=b", "-o", kubernetes.status_argv(HANDLE)[-1]],
+                          input=yaml.safe_dump(obj), capture_output=True, text=True, check=True)
+    conditions = kubernetes.parse_conditions(done.stdout)
+    assert conditions[1] == ("Running", "False", "PyTorchJobRunning", "ran")
+    assert kubernetes.summarize(HANDLE, conditions) == (
+        "k8s://llm-training/mup-7b FAILED (PyTorchJobFailed: Master replica(s) failed: exit 1)")
+    assert kubernetes.summarize(HANDLE, []).startswith("k8s://llm-training/mup-7b PENDING")
+
+
+def fake_kubectl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdout: str = "", rc: int = 0) -> Path:
+    """A kubectl that records each command line (one per line), prints `stdout`, exits `rc`."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    (tmp_path / "kubectl.stdout").write_text(stdout)
+    (bin_dir / "kubectl").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$*" >> {tmp_path}/kubectl.calls\ncat {tmp_path}/kubectl.stdout\n'
+        f"echo 'kubectl says no' >&2\nexit {rc}\n")
+    (bin_dir / "kubectl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return tmp_path / "kubectl.calls"
+
+
+def test_dry_run_writes_the_manifest_prints_the_command_and_runs_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    record = fake_kubectl(tmp_path, monkeypatch)
+    assert kubernetes.submit(spec_of("gpu-4node"), dry_run=True) is None
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["manifest: runs/mup-7b/job.k8s.yaml", "would run: kubectl apply -f runs/mup-7b/job.k8s.yaml"]
+    assert (tmp_path / "runs/mup-7b/job.k8s.yaml").read_text() == (GOLDEN / "gpu-4node.train.k8s.yaml").read_text()
+    assert not record.exists()
+
+
+def test_submit_applies_exactly_the_manifest_and_returns_the_handle(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    record = fake_kubectl(tmp_path, monkeypatch, stdout="pytorchjob.kubeflow.org/mup-7b created")
+    assert kubernetes.submit(spec_of("gpu-4node")) == HANDLE
+    assert record.read_text().splitlines() == ["apply -f runs/mup-7b/job.k8s.yaml"]
+
+
+def test_status_logs_and_cancel_run_their_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    output = "Created\tTrue\tPyTorchJobCreated\tok\nRunning\tTrue\tPyTorchJobRunning\trunning\n"
+    record = fake_kubectl(tmp_path, monkeypatch, stdout=output)
+    assert kubernetes.status(HANDLE) == "k8s://llm-training/mup-7b RUNNING (PyTorchJobRunning: running)"
+    assert list(kubernetes.logs(HANDLE, follow=True)) == output.splitlines(keepends=True)
+    kubernetes.cancel(HANDLE)
+    assert record.read_text().splitlines() == [
+        " ".join(argv[1:]) for argv in (kubernetes.status_argv(HANDLE), kubernetes.logs_argv(HANDLE, follow=True),
+                                        kubernetes.cancel_argv(HANDLE))]
+
+
+def test_kubectl_failure_is_a_usage_error_with_kubectls_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_kubectl(tmp_path, monkeypatch, rc=1)
+    with pytest.raises(kubernetes.KubectlError, match="kubectl says no") as err:
+        list(kubernetes.logs(HANDLE))
+    assert "kubectl logs -n llm-training mup-7b-master-0 -c pytorch" in str(err.value)
+
+
+@needs_kubectl
+def test_unreachable_cluster_gives_exit_2_and_a_message_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real kubectl against a closed port: there is no API server on this machine."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "none",
+        "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:9"}}],
+        "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none"}}],
+        "users": [{"name": "none", "user": {"token": "not-a-token"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    done = subprocess.run([sys.executable, "-m", "fljob.cli", "status", "k8s://llm-training/mup-7b"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ})
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "fljob status: `kubectl get pytorchjob -n llm-training mup-7b" in done.stderr
+    assert "127.0.0.1:9" in done.stderr and "kubectl config current-context" in done.stderr
+
+
+def test_missing_kubectl_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UsageError, match="kubectl is not on PATH"):
+        kubernetes.cancel(HANDLE)
+
+
+# --------------------------------------------------------------------------- CLI and start-up
+
+
+def test_render_imports_nothing_heavy() -> None:
+    """`fljob render` must start fast: no torch, no jsonschema, no kubernetes client on its path."""
+    code = ("import sys; from fljob import cli; cli.main(['render', '--backend', 'k8s', sys.argv[1], '-o', '-']); "
+            "heavy = {'torch', 'jsonschema', 'kubernetes_validate', 'kubernetes', 'submitit'} & set(sys.modules); "
+            "print(sorted(heavy), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, str(GOLDEN / "gpu-4node.spec.yaml")],
+                          capture_output=True, text=True, check=True)
+    assert done.stderr.strip() == "[]"
+    assert done.stdout == "# ---- job.k8s.yaml\n" + (GOLDEN / "gpu-4node.train.k8s.yaml").read_text()
