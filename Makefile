@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 # A pinned torch: an unpinned one pulls gigabytes of CUDA wheels. CPU build on a CPU machine.
 TORCH  ?= torch==2.13.0
+# Without its declared dependencies: pyproject's trainer extra lists what it really imports.
+STREAMING ?= mosaicml-streaming==0.13.0
 BIN    := $(VENV)/bin
 
 .PHONY: setup run test bench-startup clean
@@ -16,6 +18,7 @@ $(VENV)/.fljob-installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '$(TORCH)'
 	$(BIN)/pip install --quiet -e '.[trainer,test]'
+	$(BIN)/pip install --quiet --no-deps $(STREAMING)
 	touch $@
 
 run: setup

@@ -1,0 +1,136 @@
+"""Bundled-text data: corpus, BPE, token file and the stateful data-parallel loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torchtitan")
+
+from fljob.spec.models import JobSpec  # noqa: E402
+from fljob.trainer.data.builder import build_dataloader, build_tokenizer  # noqa: E402
+from fljob.trainer.data.loader import TokenWindowLoader  # noqa: E402
+from fljob.trainer.data.prepare import prepare_bundled_text, tokens_path  # noqa: E402
+from fljob.trainer.data.text import bundled_documents  # noqa: E402
+from fljob.trainer.data.token_file import open_tokens, read_info  # noqa: E402
+from fljob.trainer.data.tokenizer import EOS_TOKEN, train_bpe  # noqa: E402
+
+VOCAB = 512  # small, so that BPE training stays well under a second
+
+
+def test_bundled_text_is_real_english_and_ordered() -> None:
+    docs = bundled_documents()
+    assert len(docs) > 50 and sum(map(len, docs)) > 300_000
+    assert docs == bundled_documents()
+    assert " the " in docs[0]
+
+
+def test_bpe_is_deterministic_and_sized() -> None:
+    docs = bundled_documents()[:20]
+    a, b = train_bpe(docs, VOCAB), train_bpe(docs, VOCAB)
+    assert a.to_str() == b.to_str()
+    assert a.get_vocab_size() == VOCAB and a.token_to_id(EOS_TOKEN) is not None
+    text = "The with statement is used to wrap the execution of a block."
+    assert a.decode(a.encode(text).ids) == text
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> JobSpec:
+    run_dir = tmp_path_factory.mktemp("run")
+    spec = JobSpec.model_validate({"name": "data-test", "run_dir": str(run_dir),
+                                   "training": {"seq_len": 32, "local_batch_size": 4}})
+    prepare_bundled_text(spec, vocab_size=VOCAB)
+    return spec
+
+
+def test_prepare_writes_tokens_that_decode_to_the_corpus(prepared: JobSpec) -> None:
+    tokenizer = build_tokenizer(prepared)
+    tokens = open_tokens(tokens_path(prepared))
+    info = read_info(tokens_path(prepared))
+    assert info is not None and info.dtype == "<u2" and len(tokens) == info.num_tokens
+    assert tokens.max() < VOCAB
+    first_eos = int(np.argmax(tokens == tokenizer.eos_id))
+    assert tokenizer.decode(tokens[:first_eos].tolist()) == bundled_documents()[0]
+
+
+def test_prepare_reuses_and_invalidates(prepared: JobSpec) -> None:
+    path = tokens_path(prepared)
+    before = path.stat().st_mtime_ns
+    prepare_bundled_text(prepared, vocab_size=VOCAB)
+    assert path.stat().st_mtime_ns == before  # same tokenizer: reused
+    other = prepared.model_copy(update={"run_dir": str(path.parent.parent / "other")})
+    prepare_bundled_text(other, vocab_size=VOCAB + 64)
+    assert build_tokenizer(other).get_vocab_size() == VOCAB + 64
+
+
+def loader(tokens: np.ndarray, rank: int, world: int, **kw: int) -> TokenWindowLoader:
+    args = {"seq_len": 16, "batch_size": 3, "seed": 7, **kw}
+    return TokenWindowLoader(tokens, dp_rank=rank, dp_world=world, **args)
+
+
+def take(it, n: int) -> list:  # noqa: ANN001
+    return [next(it) for _ in range(n)]
+
+
+def test_batches_are_shifted_windows() -> None:
+    tokens = np.arange(1000, dtype=np.uint16)
+    (inputs, labels), = take(iter(loader(tokens, 0, 1)), 1)
+    x = inputs["input"]
+    assert x.shape == labels.shape == (3, 16) and x.dtype == labels.dtype
+    assert (labels[:, :-1] == x[:, 1:]).all() and (labels[:, -1] == x[:, -1] + 1).all()
+    assert (x[:, 0] % 16 == 0).all()  # windows start on seq_len boundaries
+
+
+def test_ranks_split_each_step_without_overlap() -> None:
+    tokens = np.arange(2000, dtype=np.uint16)
+    single = [b[0]["input"] for b in take(iter(loader(tokens, 0, 1, batch_size=6)), 4)]
+    parts = [[b[0]["input"] for b in take(iter(loader(tokens, r, 2)), 4)] for r in (0, 1)]
+    for step in range(4):
+        both = np.concatenate([parts[0][step].numpy(), parts[1][step].numpy()])
+        assert (both == single[step].numpy()).all()  # same global batch, split by rank
+
+
+def test_state_dict_resumes_exactly_and_reshards() -> None:
+    tokens = np.arange(3000, dtype=np.uint16)
+    run = loader(tokens, 1, 2)
+    it = iter(run)
+    take(it, 5)
+    state = run.state_dict()
+    expected = take(it, 3)
+    resumed = loader(tokens, 1, 2)
+    resumed.load_state_dict(state)
+    for (a, la), (b, lb) in zip(expected, take(iter(resumed), 3), strict=True):
+        assert (a["input"] == b["input"]).all() and (la == lb).all()
+    # One rank taking the global batch continues where the two ranks stopped together:
+    # the second half of its next batch is what rank 1 would have had.
+    alone = loader(tokens, 0, 1, batch_size=6)
+    alone.load_state_dict(state)
+    (next_global, _), = take(iter(alone), 1)
+    assert (next_global["input"][3:] == expected[0][0]["input"]).all()
+
+
+def test_epochs_roll_over_with_a_new_order() -> None:
+    tokens = np.arange(16 * 10 + 1, dtype=np.uint16)  # 10 windows, 3 per step: 3 steps/epoch
+    run = loader(tokens, 0, 1)
+    it = iter(run)
+    first_epoch = np.concatenate([b[0]["input"][:, 0].numpy() for b in take(it, 3)])
+    assert run.state_dict() == {"epoch": 0, "consumed": 9}
+    second = take(it, 1)[0][0]["input"][:, 0].numpy()
+    assert run.state_dict() == {"epoch": 1, "consumed": 3}
+    assert len(set(first_epoch)) == 9 and not np.array_equal(first_epoch[:3], second)
+
+
+def test_too_little_data_is_an_error() -> None:
+    with pytest.raises(ValueError, match="fewer than one step needs"):
+        loader(np.arange(100, dtype=np.uint16), 0, 4)
+
+
+def test_builder_uses_the_prepared_file_and_refuses_streams(prepared: JobSpec) -> None:
+    tokenizer = build_tokenizer(prepared)
+    dl = build_dataloader(prepared, 0, 1, tokenizer)
+    (inputs, labels), = take(iter(dl), 1)
+    assert inputs["input"].shape == (4, 32)
+    streaming = prepared.model_copy(update={"data": prepared.data.model_copy(
+        update={"streams": [{"uri": "s3://bucket/mds"}]})})
+    with pytest.raises(NotImplementedError):
+        build_dataloader(streaming, 0, 1, tokenizer)
