@@ -7,7 +7,9 @@ would send.
 
 from __future__ import annotations
 
+import os
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -100,3 +102,16 @@ def reserved_env_fields(spec: JobSpec) -> list[str]:
             for section, names in (("env", spec.env), ("secret_env", spec.secret_env))
             for name in sorted(names)
             if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES)]
+
+
+def put_this_fljob_on_path() -> None:
+    """Make jobs started from here find this installation's `fljob` first on PATH.
+
+    A job's script calls `fljob launch`; when fljob runs from a virtual environment that is
+    not activated (`.venv/bin/fljob submit ...`), that name would otherwise be missing or
+    another installation's. SLURM jobs inherit the submitter's environment, local runs too.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir

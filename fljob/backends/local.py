@@ -18,7 +18,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fljob.backends.base import GENERATED_BY, SPEC_FILE, TASK_ARGV, Handle, RenderedFile, Task
+from fljob.backends.base import (
+    GENERATED_BY,
+    SPEC_FILE,
+    TASK_ARGV,
+    Handle,
+    RenderedFile,
+    Task,
+    put_this_fljob_on_path,
+)
 from fljob.backends.shell import env_block, secret_problems
 from fljob.errors import JobFailed, UsageError
 from fljob.exitcodes import REQUEUE
@@ -87,6 +95,7 @@ def submit(spec: JobSpec, task: Task = "train", dry_run: bool = False) -> Handle
     for f in files:
         f.write(run_dir)
     handle = Handle("local", str(run_dir))
+    put_this_fljob_on_path()
     print(_describe_outputs(spec, run_dir), flush=True)
     rc = _run_logged(["bash", str(run_dir / SCRIPT_FILE)], run_dir)
     if rc == REQUEUE:

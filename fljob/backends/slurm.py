@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fljob.backends import slurm_render
-from fljob.backends.base import Handle, Task
+from fljob.backends.base import Handle, Task, put_this_fljob_on_path
 from fljob.errors import UsageError
 from fljob.spec import JobSpec
 
@@ -267,6 +267,7 @@ def submit(spec: JobSpec, task: Task = "train", dry_run: bool = False) -> Handle
 
     _require("sbatch")
     _require("srun")  # submitit's SlurmExecutor insists on it
+    put_this_fljob_on_path()  # the job inherits this environment
     submitit = _submitit()
     (run_dir / SUBMITIT_DIR).mkdir(parents=True, exist_ok=True)
     executor = _executor(run_dir / SUBMITIT_DIR, script, tasks=spec.resources.nodes)
