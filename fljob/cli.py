@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,10 +39,15 @@ exit codes: 0 ok, 1 failure, 2 bad input (the message says which field and how t
 """
 
 
-def _add_spec_args(p: argparse.ArgumentParser) -> None:
+def _add_spec_args(p: argparse.ArgumentParser, site: bool = True) -> None:
     p.add_argument("spec", type=Path, help="job spec (YAML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set training.steps=100 (repeatable; VALUE is YAML)")
+    if site:
+        p.add_argument("--site", type=Path, default=os.environ.get("FLJOB_SITE") or None, metavar="PROFILE",
+                       help="site profile: a partial spec of the cluster's defaults (partition, account, "
+                            "mounts, storage) that the spec is laid over; default $FLJOB_SITE "
+                            "(see slurm/site-profile.yaml)")
 
 
 def _add_backend_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -91,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing as the job writes")
 
     p = sub.add_parser("train", help="the container entrypoint: train from a spec (started by torchrun)")
-    _add_spec_args(p)
+    _add_spec_args(p, site=False)  # the shipped spec is resolved: the site profile is in it
 
     sub.add_parser(
         "launch", add_help=False,
@@ -112,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from fljob.spec import load_spec
 
-    return load_spec(args.spec, args.overrides)
+    return load_spec(args.spec, args.overrides, args.site)
 
 
 def _renderer(backend: str):

@@ -23,7 +23,7 @@ def backend(name: str) -> ModuleType:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "submit":
-        spec = load_spec(args.spec, args.overrides)
+        spec = load_spec(args.spec, args.overrides, args.site)
         handle = backend(args.backend).submit(
             spec, task="doctor" if args.doctor else "train", dry_run=args.dry_run
         )

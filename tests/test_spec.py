@@ -54,6 +54,7 @@ BAD_SPECS = [
     ("optimizer:\n  betas: [0.9, 1.5]\n", "optimizer.betas", 3, "[0, 1]"),
     ("schedule:\n  decay_type: exponential\n", "schedule.decay_type", 3, "'cosine'"),
     ("data:\n  streams: [{url: s3://x}]\n", "data.streams[0].url", 3, "Did you mean 'uri'"),
+    ("model:\n  flavor: 1b\n", "model.flavor", 3, "nearest in size is '1.06B'"),
 ]
 
 
@@ -176,3 +177,32 @@ def test_spec_example_in_help_is_valid(tmp_path: Path) -> None:
     block = result.stdout.split("every field has a default except `name`:")[1].split("examples:")[0]
     (tmp_path / "s.yaml").write_text(textwrap.dedent(block))
     assert fljob("validate", str(tmp_path / "s.yaml")).returncode == 0
+
+
+SITE = REPO / "slurm" / "site-profile.yaml"
+
+
+def test_site_profile_lies_under_the_spec(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: site-job\nslurm: {time: '04:00:00', partition: gpu-long}\nenv: {NCCL_DEBUG: WARN}\n")
+    merged = load_spec(spec, site=SITE)
+    assert merged.slurm.partition == "gpu-long"  # the spec wins
+    assert merged.slurm.account == "llm" and merged.slurm.container.runtime == "pyxis"  # the site fills in
+    assert merged.env == {"NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "WARN"}
+    assert merged.origin("slurm.account").startswith(f"{SITE}:")
+    assert merged.origin("slurm.partition").startswith(f"{spec}:")
+    assert load_spec(spec).slurm.account is None  # nothing leaks in without the profile
+
+
+def test_site_profile_from_the_environment_and_its_errors_point_into_it(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: site-job\nslurm: {time: '01:00:00'}\n")
+    site = tmp_path / "site.yaml"
+    site.write_text("slurm:\n  partiton: gpu\n")
+    result = subprocess.run([sys.executable, "-m", "fljob.cli", "validate", str(spec)], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO), "FLJOB_SITE": str(site)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{site}:2:3: slurm.partiton: unknown field" in result.stderr
+    assert "Did you mean 'partition'" in result.stderr
+    ok = fljob("validate", "--site", str(SITE), "--print", str(spec))
+    assert ok.returncode == 0 and "account: llm" in ok.stdout

@@ -222,13 +222,36 @@ def _field_loc(loc: Loc) -> Loc:
 # --------------------------------------------------------------------------- entry points
 
 
-def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ()) -> JobSpec:
-    """Validate YAML text (plus `--set` overrides) into a JobSpec, or raise SpecError."""
+def _compose_mapping(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, str]]:
     data, positions = _compose(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SpecError(source, [Problem(f"{source}:1:1", "", "the spec must be a YAML mapping of fields")])
+    return data, positions
+
+
+def _merge_under(site: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec over the site profile: mappings merge key by key, any other value replaces."""
+    merged = dict(site)
+    for key, value in spec.items():
+        below = merged.get(key)
+        merged[key] = _merge_under(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return merged
+
+
+def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = (),
+                   site: tuple[str, str] | None = None) -> JobSpec:
+    """Validate YAML text (plus `--set` overrides) into a JobSpec, or raise SpecError.
+
+    ``site`` is (text, source) of a site profile: a partial spec of a cluster's defaults
+    (partition, account, container mounts, storage endpoint) that the spec is laid over.
+    """
+    data, positions = _compose_mapping(text, source)
+    if site is not None:
+        site_data, site_positions = _compose_mapping(*site)
+        data = _merge_under(site_data, data)
+        positions = {**site_positions, **positions}
     for text_override in overrides:
         loc, value = parse_override(text_override)
         origin = f"--set {text_override}"
@@ -257,16 +280,20 @@ def _line_col(origin: str) -> tuple[int, int]:
     return (1 << 30, 0)
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
-    """Read and validate a spec file (see load_spec_text)."""
+def _read(path: str | Path, what: str) -> tuple[str, str]:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8"), str(p)
     except OSError as exc:
-        raise SpecError(str(p), [Problem(str(p), "", f"cannot read the spec: {exc.strerror}. Check the path.")]) from None
+        raise SpecError(str(p), [Problem(str(p), "", f"cannot read the {what}: {exc.strerror}. Check the path.")]) from None
     except UnicodeDecodeError:
-        raise SpecError(str(p), [Problem(str(p), "", "the spec is not UTF-8 text")]) from None
-    return load_spec_text(text, str(p), overrides)
+        raise SpecError(str(p), [Problem(str(p), "", f"the {what} is not UTF-8 text")]) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] = (), site: str | Path | None = None) -> JobSpec:
+    """Read and validate a spec file, laid over an optional site profile (see load_spec_text)."""
+    text, source = _read(path, "spec")
+    return load_spec_text(text, source, overrides, site=_read(site, "site profile") if site else None)
 
 
 def dump_spec(spec: JobSpec) -> str:

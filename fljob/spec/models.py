@@ -292,8 +292,24 @@ class Kubernetes(Strict):
 # --------------------------------------------------------------------------- training
 
 
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmb])\s*$", re.IGNORECASE)
+
+
+def _closest_flavor(name: str, flavors: dict[str, int]) -> str | None:
+    """'1b' -> the flavor whose parameter count is nearest to a billion."""
+    m = _COUNT.match(name)
+    if not m:
+        return None
+    wanted = float(m.group(1)) * {"k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
+    return min(flavors, key=lambda f: abs(flavors[f] - wanted))
+
+
 class ModelSpec(Strict):
-    flavor: str = Field("tiny", description="Model flavor, named by its parameter count (see `fljob flavors`).")
+    flavor: str = Field(
+        "tiny",
+        description="Model flavor, named by its real parameter count: tiny (the CPU-sized one), "
+                    "1.25M, 7.61M (the muP base), 35.7M, 126M, 325M, 1.06B.",
+    )
     mup: bool = Field(True, description="muP parametrisation; false gives the standard one (the baseline).")
     attention_scale: Literal["mup", "standard"] = Field(
         "mup", description="'mup' scales attention logits by 1/d, 'standard' by 1/sqrt(d)."
@@ -303,6 +319,18 @@ class ModelSpec(Strict):
     depth_alpha_exp: float = Field(1.0, ge=0, le=1, description="CompleteP residual scaling exponent.")
     init_std: float = Field(0.02, gt=0)
     tie_embeddings: bool = False
+
+    @field_validator("flavor")
+    @classmethod
+    def _known_flavor(cls, v: str) -> str:
+        from fljob.trainer.model.flavors import FLAVORS  # torch-free
+
+        if v == "tiny" or v in FLAVORS:
+            return v
+        close = _closest_flavor(v, {f: a.num_params() for f, a in FLAVORS.items()})
+        hint = f" The nearest in size is {close!r}." if close else ""
+        raise ValueError(f"unknown model flavor {v!r}.{hint} Use one of: tiny, {', '.join(FLAVORS)} "
+                         "(named by their real parameter count)")
 
 
 class Optimizer(Strict):
