@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "slurm-pyxis.yaml"
+SLURM_SPEC = REPO / "configs" / "slurm-pyxis.yaml"
+K8S_SPEC = REPO / "configs" / "kubernetes.yaml"
 
 
 def median_seconds(argv: list[str], repeat: int) -> float:
@@ -40,9 +41,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         cases = {
             "python -c pass (anchor)": [py, "-c", "pass"],
-            "fljob validate": [py, "-m", "fljob.cli", "validate", str(CONFIG)],
-            "fljob render --backend slurm": [py, "-m", "fljob.cli", "render", "-b", "slurm", str(CONFIG), "-o", out],
-            "fljob render --backend k8s": [py, "-m", "fljob.cli", "render", "-b", "k8s", str(CONFIG), "-o", out],
+            "fljob validate": [py, "-m", "fljob.cli", "validate", str(SLURM_SPEC)],
+            "fljob render --backend slurm": [py, "-m", "fljob.cli", "render", "-b", "slurm", str(SLURM_SPEC), "-o", out],
+            "fljob render --backend k8s": [py, "-m", "fljob.cli", "render", "-b", "k8s", str(K8S_SPEC), "-o", out],
         }
         results = {name: median_seconds(argv, args.repeat) for name, argv in cases.items()}
     torch_free = subprocess.run(
