@@ -507,25 +507,23 @@ class JobSpec(Strict):
             )
         return v
 
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _env_names(cls, v: dict[str, object]) -> dict[str, object]:
+        for key in v:
+            if not ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return v
+
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
         for key in v:
-            if not ENV_NAME.match(key):
-                raise ValueError(f"{key!r} is not a valid environment variable name")
             if SECRET_LIKE_ENV.search(key.upper()):
                 raise ValueError(
                     f"{key!r} looks like a secret: move it to secret_env with a reference "
                     f"(e.g. secret_env: {{{key}: {{env: {key}}}}}) so its value is never written anywhere"
                 )
-        return v
-
-    @field_validator("secret_env")
-    @classmethod
-    def _secret_env(cls, v: dict[str, SecretRef]) -> dict[str, SecretRef]:
-        for key in v:
-            if not ENV_NAME.match(key):
-                raise ValueError(f"{key!r} is not a valid environment variable name")
         return v
 
     @model_validator(mode="after")
