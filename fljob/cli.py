@@ -109,10 +109,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=Path, nargs="?", help="job spec (optional)")
     p.add_argument("--distributed", action="store_true",
                    help="run under torchrun/fljob launch: report rank, world size and an all-reduce result")
+
+    _add_data_parser(sub)
     return parser
 
 
+DATA_PREPARE_EPILOG = """\
+SRC is a text file (one document), a JSONL file (one document per record), a folder of
+them (*.txt, *.md, *.rst, *.jsonl, searched recursively), or builtin:pydoc: the Python
+documentation that ships with every CPython (pydoc_data.topics), real English text that
+exists offline on any machine. DEST is a folder or s3://bucket/prefix. Documents are joined
+with EOS and cut into samples of seq_len+1 tokens; DEST gets zstd MDS shards, index.json,
+tokenizer.json and fljob_index.json (token counts; written last, it marks DEST complete).
+
+S3: endpoint and region from --endpoint-url/--region, $S3_ENDPOINT_URL/$AWS_DEFAULT_REGION
+or the storage: section of --spec; credentials only from the environment
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the spec's references.
+
+examples:
+  fljob data prepare builtin:pydoc data/pydoc-128 --seq-len 128
+  fljob data prepare corpus.jsonl s3://datasets/corpus --tokenizer tokenizer.json \\
+      --endpoint-url http://127.0.0.1:8080
+  then train from it:  data: {streams: [{uri: s3://datasets/corpus}]}
+"""
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="prepare training data (text/JSONL -> MDS shards)")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    p = data_sub.add_parser(
+        "prepare", help="tokenize and pack text into zstd MDS shards (local or s3://)",
+        description="Tokenize text, pack it into fixed-length samples and write MDS shards.",
+        epilog=DATA_PREPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="text file, JSONL file, folder of them, or builtin:pydoc")
+    p.add_argument("dest", help="output folder or s3://bucket/prefix (must be empty)")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="tokens per training sequence; samples hold seq-len+1 (default: 128)")
+    p.add_argument("--tokenizer", metavar="PATH_OR_URI",
+                   help="tokenizer.json (path or s3:// URI); default: train a byte-level BPE on SRC")
+    p.add_argument("--vocab-size", type=int, default=8192,
+                   help="vocabulary of the trained BPE; match the model flavor (default: 8192)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--shard-size", default="64mb", help="uncompressed shard size limit (default: 64mb)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
+    p.add_argument("--spec", type=Path, help="take S3 endpoint, region and credential references "
+                                             "from this job spec's storage: section")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: $S3_ENDPOINT_URL, else AWS)")
+    p.add_argument("--region", help="S3 region (default: $AWS_DEFAULT_REGION, else us-east-1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 # --------------------------------------------------------------------------- commands
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """`fljob data prepare`: storage settings into the environment, then the preparation."""
+    import os
+
+    from fljob.spec.models import Storage
+    from fljob.storage import apply_storage_environment
+
+    if args.spec:
+        storage = _load(argparse.Namespace(spec=args.spec, overrides=[], site=None)).storage
+    else:
+        storage = Storage(region=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                          endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None)
+    storage = storage.model_copy(update={
+        "endpoint_url": args.endpoint_url or storage.endpoint_url,
+        "region": args.region or storage.region})
+    apply_storage_environment(storage)
+    from fljob.trainer.data.mds_prepare import PrepareConfig, prepare_mds
+
+    index = prepare_mds(PrepareConfig(
+        src=args.src, dest=args.dest, seq_len=args.seq_len, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, text_field=args.text_field, shard_size=args.shard_size,
+        overwrite=args.overwrite), progress=not args.no_progress)
+    print(f"{args.dest}: {index.documents} documents, {index.tokens} tokens, "
+          f"{index.samples} samples of {index.seq_len + 1} tokens (vocab {index.vocab_size})")
+    return 0
 
 
 def _load(args: argparse.Namespace):
@@ -182,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "validate": cmd_validate,
         "render": cmd_render,
         "schema": cmd_schema,
+        "data": cmd_data,
     }
     try:
         if args.command in handlers:
