@@ -405,8 +405,8 @@ def test_registry_and_builder() -> None:
     assert isinstance(build_optimizer("decoupled_adamw", [p]), DecoupledAdamW)
     with pytest.raises(ValueError, match="expected one of adamw, adopt"):
         build_optimizer("adam", [p])
-    with pytest.raises(TypeError, match="fused"):
-        build_optimizer("adopt", [p], fused=True)
+    with pytest.raises(TypeError, match="amsgrad"):
+        build_optimizer("adopt", [p], amsgrad=True)
     with pytest.raises(TypeError, match="nus"):
         build_optimizer("adopt", [p], nus=(0.7, 1.0))
 
@@ -461,3 +461,61 @@ def test_foreach_on_dtensor_parameters() -> None:
                 assert torch.equal(p, s.full_tensor()), case
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------
+# The fused (Triton) path, run on the CPU through Triton's interpreter.
+# ---------------------------------------------------------------------------------------
+
+FUSED_CASES = [case for case in CASES if CASES[case][0] != "adamw"]  # torch's own fused
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_matches_float64_reference_and_foreach(case: str, triton_interpreter) -> None:
+    """The kernels follow the published rules (float64 references) and agree with foreach."""
+    name, kwargs, reference = CASES[case]
+    results = {}
+    for impl in ("foreach", "fused"):
+        params = make_params()
+        grads = make_grads(params)
+        groups = [{"params": [params[i] for i in g["idx"]],
+                   **{k: v for k, v in g.items() if k != "idx"}} for g in GROUPS]
+        opt = build_optimizer(name, groups, foreach=impl == "foreach", fused=impl == "fused",
+                              **kwargs)
+        run(opt, params, grads)
+        results[impl] = (params, opt)
+    start, grads = make_params(), make_grads(make_params())
+    fused_params, fused_opt = results["fused"]
+    for g in GROUPS:
+        lrs = [g["lr"] * f for f in FACTORS]
+        for i in g["idx"]:
+            flat_grads = [gs[i].double().flatten().tolist() for gs in grads]
+            expected = [
+                reference(p0, [fg[e] for fg in flat_grads], lrs, g["lr"], g["weight_decay"],
+                          g["eps"], kwargs, [])
+                for e, p0 in enumerate(start[i].detach().double().flatten().tolist())
+            ]
+            torch.testing.assert_close(fused_params[i].detach().double().flatten(),
+                                       torch.tensor(expected, dtype=torch.float64),
+                                       rtol=1e-5, atol=1e-6)
+    foreach_params, foreach_opt = results["foreach"]
+    for a, b in zip(foreach_params, fused_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(foreach_opt.state[a][key], fused_opt.state[b][key],
+                                       rtol=1e-6, atol=1e-7)
+        assert torch.equal(foreach_opt.state[a]["step"], fused_opt.state[b]["step"])
+
+
+def test_fused_needs_cuda_and_excludes_foreach() -> None:
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="CUDA"):
+        QHAdamW([p], fused=True)
+    with pytest.raises(ValueError, match="foreach and fused"):
+        ADOPT([p], foreach=True, fused=True)

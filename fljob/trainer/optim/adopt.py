@@ -42,6 +42,7 @@ class ADOPT(QHADOPT):
         decouple: bool = False,
         clip_exponent: float | None = 0.25,
         foreach: bool | None = None,
+        fused: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -53,4 +54,5 @@ class ADOPT(QHADOPT):
             decouple=decouple,
             clip_exponent=clip_exponent,
             foreach=foreach,
+            fused=fused,
         )

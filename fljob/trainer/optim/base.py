@@ -15,6 +15,11 @@ keys): for every parameter that has received a gradient, ``optimizer.state[p]`` 
 
 Step-dependent scalars (bias corrections, ADOPT's clip value) are computed on the host from
 these CPU counters; the step never calls ``.item()`` on a device tensor.
+
+Paths, per group: single-tensor (``foreach=False``), foreach (``foreach=True``; the default
+off the CPU), and fused (``fused=True``, CUDA only): one Triton kernel per tensor, see
+:mod:`.fused`. The fused path is what makes a step cost about what ``torch.optim.AdamW(
+fused=True)`` costs; buckets the kernels cannot take (float64) fall back to foreach.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
+from fljob.trainer.optim.fused import check_fused_device, supports_fused
 from fljob.trainer.optim.weight_decay import check_weight_decay
 
 Group = dict[str, Any]
@@ -52,7 +58,8 @@ class Bucket:
 SingleUpdate = Callable[[Group, Tensor, Tensor, Tensor, Tensor, float], None]
 """``(group, param, grad, exp_avg, exp_avg_sq, step)``, ``step`` already incremented."""
 ForeachUpdate = Callable[[Group, Bucket, float], None]
-"""``(group, bucket, step)``: every tensor of ``bucket`` shares device, dtype and ``step``."""
+"""``(group, bucket, step)``: every tensor of ``bucket`` shares device, dtype and ``step``.
+The fused updates have the same signature."""
 
 
 class MomentOptimizer(Optimizer):
@@ -64,13 +71,18 @@ class MomentOptimizer(Optimizer):
         ``initial_lr`` is set only if absent, and torch's LR schedulers keep an existing
         one, so ``lr / initial_lr`` is the schedule multiplier.
         ``foreach=None`` means foreach when every parameter of the group is off the CPU
-        (torch's own default).
+        (torch's own default), unless the group is fused.
         """
         self.check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault("initial_lr", group["lr"])
-        if group["foreach"] is None:
+        if group.setdefault("fused", False):
+            if group["foreach"]:
+                raise ValueError("foreach and fused cannot both be True")
+            check_fused_device(group["params"])
+            group["foreach"] = False
+        elif group["foreach"] is None:
             group["foreach"] = all(p.device.type != "cpu" for p in group["params"])
 
     def check_group(self, group: Group) -> None:
@@ -122,19 +134,28 @@ class MomentOptimizer(Optimizer):
         return new, old
 
     @staticmethod
-    def run(group: Group, bucket: Bucket, single: SingleUpdate, foreach: ForeachUpdate) -> None:
-        """Increment the step counters of ``bucket`` and apply the update on the group's path."""
+    def run(group: Group, bucket: Bucket, single: SingleUpdate, foreach: ForeachUpdate,
+            fused: ForeachUpdate | None = None) -> None:
+        """Increment the step counters of ``bucket`` and apply the update on the group's path.
+
+        ``fused`` is None where a rule has no kernel (ADOPT's one-off seeding step): such a
+        fused group takes the foreach path.
+        """
         if not bucket.params:
             return
         torch._foreach_add_(bucket.steps, 1.0)
-        if not group["foreach"]:
+        if not (group["foreach"] or group.get("fused")):
             for p, g, m, v, s in zip(*bucket.lists(), strict=True):
                 single(group, p, g, m, v, s.item())
             return
         grouped = Optimizer._group_tensors_by_device_and_dtype(bucket.lists())
         for lists, _ in grouped.values():
             for step, sub in _split_by_step(Bucket(*lists)):
-                foreach(group, sub, step)
+                tensors = [*sub.params, *sub.grads, *sub.exp_avgs, *sub.exp_avg_sqs]
+                if group.get("fused") and fused is not None and supports_fused(tensors):
+                    fused(group, sub, step)
+                else:
+                    foreach(group, sub, step)
 
 
 def _split_by_step(bucket: Bucket) -> Iterator[tuple[float, Bucket]]:

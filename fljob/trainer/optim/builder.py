@@ -27,8 +27,8 @@ def build_optimizer(name: str, param_groups: ParamsT, **hyper: Any) -> Optimizer
 
     ``hyper`` are the constructor's keyword arguments and act as defaults for groups that
     do not set their own (muP groups set lr, weight_decay and eps per group). An argument
-    the class does not take (e.g. ``fused`` for anything but ``adamw``, or ``nus`` for
-    ``adopt``) raises ``TypeError`` rather than being dropped.
+    the class does not take (e.g. ``amsgrad`` for anything but ``adamw``, or ``nus``
+    for ``adopt``) raises ``TypeError`` rather than being dropped.
     """
     try:
         cls = OPTIMIZERS[name]

@@ -37,6 +37,7 @@ class DecoupledAdamW(QHAdamW):
         weight_decay: float = 1e-5,
         *,
         foreach: bool | None = None,
+        fused: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -47,4 +48,5 @@ class DecoupledAdamW(QHAdamW):
             weight_decay=weight_decay,
             decouple=True,
             foreach=foreach,
+            fused=fused,
         )

@@ -6,12 +6,15 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from fljob.trainer.optim import fused
 from fljob.trainer.optim.base import Bucket, Group, MomentOptimizer
 from fljob.trainer.optim.weight_decay import (
+    coupled_coefficient,
     coupled_grad,
     coupled_grads_foreach,
     decay_,
     decay_foreach_,
+    decoupled_multiplier,
 )
 
 
@@ -45,16 +48,18 @@ class QHAdamW(MomentOptimizer):
         *,
         decouple: bool = True,
         foreach: bool | None = None,
+        fused: bool = False,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            nus=tuple(nus),
-            eps=eps,
-            weight_decay=weight_decay,
-            decouple=decouple,
-            foreach=foreach,
-        )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "nus": tuple(nus),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "decouple": decouple,
+            "foreach": foreach,
+            "fused": fused,
+        }
         super().__init__(params, defaults)
 
     def check_group(self, group: Group) -> None:
@@ -64,7 +69,7 @@ class QHAdamW(MomentOptimizer):
             raise ValueError(f"nus must be two numbers in [0, 1], got {nus}")
 
     def step_group(self, group: Group, new: Bucket, old: Bucket) -> None:
-        self.run(group, new + old if new.params else old, _single, _foreach)
+        self.run(group, new + old if new.params else old, _single, _foreach, _fused)
 
 
 def _single(group: Group, p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: float) -> None:
@@ -104,3 +109,10 @@ def _foreach(group: Group, b: Bucket, step: float) -> None:
         numer = torch._foreach_mul(b.exp_avgs, nu1 / bc1)
         torch._foreach_add_(numer, grads, alpha=1.0 - nu1)
         torch._foreach_addcdiv_(b.params, numer, denom, value=-group["lr"])
+
+
+def _fused(group: Group, b: Bucket, step: float) -> None:
+    fused.qhadam_step(
+        (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs), lr=group["lr"], betas=group["betas"],
+        nus=group["nus"], eps=group["eps"], decay=decoupled_multiplier(group),
+        coupled_wd=coupled_coefficient(group), step=step)

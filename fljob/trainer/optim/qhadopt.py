@@ -6,12 +6,15 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from fljob.trainer.optim import fused
 from fljob.trainer.optim.base import Bucket, Group, MomentOptimizer
 from fljob.trainer.optim.weight_decay import (
+    coupled_coefficient,
     coupled_grad,
     coupled_grads_foreach,
     decay_,
     decay_foreach_,
+    decoupled_multiplier,
 )
 
 
@@ -53,17 +56,19 @@ class QHADOPT(MomentOptimizer):
         decouple: bool = False,
         clip_exponent: float | None = 0.25,
         foreach: bool | None = None,
+        fused: bool = False,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            nus=tuple(nus),
-            eps=eps,
-            weight_decay=weight_decay,
-            decouple=decouple,
-            clip_exponent=clip_exponent,
-            foreach=foreach,
-        )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "nus": tuple(nus),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "decouple": decouple,
+            "clip_exponent": clip_exponent,
+            "foreach": foreach,
+            "fused": fused,
+        }
         super().__init__(params, defaults)
 
     def check_group(self, group: Group) -> None:
@@ -76,7 +81,7 @@ class QHADOPT(MomentOptimizer):
 
     def step_group(self, group: Group, new: Bucket, old: Bucket) -> None:
         self.run(group, new, _seed_single, _seed_foreach)
-        self.run(group, old, _update_single, _update_foreach)
+        self.run(group, old, _update_single, _update_foreach, _update_fused)
 
 
 def clip_value(group: Group, step: float) -> float | None:
@@ -130,3 +135,10 @@ def _update_foreach(group: Group, b: Bucket, step: float) -> None:
         torch._foreach_add_(b.params, normed, alpha=-group["lr"])
     torch._foreach_mul_(b.exp_avg_sqs, beta2)
     torch._foreach_addcmul_(b.exp_avg_sqs, grads, grads, value=1.0 - beta2)
+
+
+def _update_fused(group: Group, b: Bucket, step: float) -> None:
+    fused.adopt_step(
+        (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs), lr=group["lr"], betas=group["betas"],
+        nu=group["nus"][0], eps=group["eps"], decay=decoupled_multiplier(group),
+        coupled_wd=coupled_coefficient(group), clip=clip_value(group, step))
