@@ -36,14 +36,18 @@ def main(spec: JobSpec) -> int:
 
     import torch.distributed as dist
 
+    from fljob.storage import apply_storage_environment
     from fljob.trainer import train_spec
     from fljob.trainer.data.builder import build_tokenizer
-    from fljob.trainer.data.prepare import prepare_bundled_text
+    from fljob.trainer.data.prepare import prepare_bundled_text, prepare_stream_tokenizer
     from fljob.trainer.job_config import build_job_config
     from fljob.trainer.model.flavors import get_flavor
     from fljob.trainer.trainer import FljobTrainer
 
-    if not spec.data.streams:
+    apply_storage_environment(spec.storage)  # endpoint, region, resolved credentials
+    if spec.data.streams:
+        prepare_stream_tokenizer(spec)
+    else:
         prepare_bundled_text(spec, vocab_size=get_flavor(train_spec.flavor_name(spec)).vocab_size)
     train_spec.register(spec, vocab_size=build_tokenizer(spec).get_vocab_size())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +27,9 @@ def data_dir(spec: JobSpec) -> Path:
 
 
 def tokenizer_path(spec: JobSpec) -> Path:
-    """The spec's tokenizer.json, else the one trained for this run."""
-    if spec.data.tokenizer is None:
+    """The spec's local tokenizer.json, else the run's copy (trained, fetched or streamed)."""
+    if spec.data.tokenizer is None or "://" in spec.data.tokenizer:
         return data_dir(spec) / "tokenizer.json"
-    if "://" in spec.data.tokenizer:
-        raise NotImplementedError(f"data.tokenizer {spec.data.tokenizer!r}: remote tokenizers "
-                                  "arrive with streaming data; give a local path")
     return Path(spec.data.tokenizer)
 
 
@@ -69,6 +67,34 @@ def prepare_bundled_text(spec: JobSpec, vocab_size: int) -> TokenFileInfo:
             out, tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id,
             vocab_size=tokenizer.get_vocab_size(), tokenizer_sha256=digest,
             source=bundled_source())
+
+
+def prepare_stream_tokenizer(spec: JobSpec) -> Path:
+    """Fetch the run's tokenizer when it is remote: ``data.tokenizer`` if it is a URI, else
+    the ``tokenizer.json`` that ``fljob data prepare`` stored beside the first stream.
+
+    A local ``data.tokenizer`` is used in place. Returns the path the trainer reads.
+    """
+    from fljob import storage
+    from fljob.errors import UsageError
+    from fljob.trainer.data.mds_prepare import TOKENIZER_FILE
+
+    path = tokenizer_path(spec)
+    if spec.data.tokenizer is not None and "://" not in spec.data.tokenizer:
+        return path
+    uri = spec.data.tokenizer or storage.join(spec.data.streams[0].uri, TOKENIZER_FILE)
+    directory = data_dir(spec)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _locked(directory / ".prepare.lock"):
+        data = storage.read_bytes(uri)
+        if data is None:
+            raise UsageError(f"no tokenizer at {uri}: set data.tokenizer, or prepare the "
+                             "stream with `fljob data prepare` (it stores tokenizer.json)")
+        if not path.exists() or path.read_bytes() != data:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+    return path
 
 
 def _trained_with_size(path: Path, vocab_size: int) -> bool:
