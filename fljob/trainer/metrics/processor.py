@@ -12,9 +12,13 @@ A record::
      "lr": {"embedding": 0.003, "hidden": 0.0008, ...}, "tokens_per_s": 21345.0,
      "tokens_per_s_per_device": 10672.5, "tokens_seen": 40960, "step_time_s": 0.096,
      "data_time_s": 0.001, "elapsed_s": 7.4, "mfu_pct": 0.0, "memory_gib": 0.6,
+     "tokens": 40960, "data_wait_s": 0.01, "memory_bytes": 644245094,
      "optim": {"hidden": {"grad_norm": 0.8, "update_ratio": 0.002, ...}, "all": {...}}}
 
 ``optim`` appears on logging steps that are multiples of ``metrics.optimizer_interval``.
+``tokens`` (all ranks), ``data_wait_s`` and ``memory_bytes`` (peak reserved; both the largest
+over ranks) cover the steps since the previous record; rank 0 also exports the record to
+Prometheus (:mod:`.prometheus`) when ``metrics.enabled``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 from torchtitan.components.metrics import BaseLogger, LoggerContainer, MetricsProcessor
@@ -35,6 +40,7 @@ from fljob.trainer.job_config import job_spec
 from fljob.trainer.metrics.jsonl import JsonlLogger
 from fljob.trainer.metrics.optimizer_stats import OptimizerStats
 from fljob.trainer.metrics.progress import ProgressLogger
+from fljob.trainer.metrics.prometheus import PrometheusLogger, build_prometheus_logger
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -63,6 +69,9 @@ def fljob_record(metrics: dict[str, Any], world_size: int, elapsed_s: float) -> 
         "elapsed_s": elapsed_s,
         "mfu_pct": metrics["mfu(%)"],
         "memory_gib": metrics["memory/max_reserved(GiB)"],
+        "tokens": int(metrics["window/tokens"]),
+        "data_wait_s": metrics["window/data_wait_s"],
+        "memory_bytes": int(metrics["window/max_reserved_bytes"]),
     }
     if optim:
         record["optim"] = optim
@@ -100,11 +109,17 @@ class FljobMetricsProcessor(MetricsProcessor):
         self._stats: OptimizerStats | None = None
         self._step_lrs: dict[str, float] = {}
         self._step_stats: dict[str, float] = {}
+        self._device = torch.device("cpu")  # the optimizer's, once watched
+        self._prometheus: PrometheusLogger | None = None
+        self._last_step_end: float | None = None
         if dist.get_rank() == 0:  # the metrics rank: fljob models have no pipeline stages
             sinks: list[BaseLogger] = [
                 JsonlLogger(Path(spec.resolved_run_dir) / METRICS_FILE),
                 ProgressLogger(job_config.training.steps),
             ]
+            if spec.metrics.enabled:
+                self._prometheus = build_prometheus_logger(spec)
+                sinks.append(self._prometheus)
             loggers = LoggerContainer()
             loggers.add_logger(self.logger)  # torchtitan's own (TensorBoard/W&B when enabled)
             loggers.add_logger(RecordLogger(sinks, parallel_dims.world_size))
@@ -121,6 +136,7 @@ class FljobMetricsProcessor(MetricsProcessor):
             raise ValueError("fljob trains one model part (no pipeline parallelism)")
         optimizer: Optimizer = optimizers.optimizers[0]
         stats = self._stats = OptimizerStats(optimizer, interval=self.optimizer_interval)
+        self._device = next(p for g in optimizer.param_groups for p in g["params"]).device
 
         def before_step(*_: Any) -> None:
             step = current_step()
@@ -133,6 +149,11 @@ class FljobMetricsProcessor(MetricsProcessor):
             step = current_step()
             if self.should_log(step):
                 self._step_stats = stats.after_step(step) or {}
+            if self._prometheus is not None:  # step time: optimizer step to optimizer step
+                now = time.perf_counter()
+                if self._last_step_end is not None:
+                    self._prometheus.metrics.observe_step_time(now - self._last_step_end)
+                self._last_step_end = now
 
         optimizers.register_step_pre_hook(before_step)
         optimizers.register_step_post_hook(after_step)
@@ -142,5 +163,20 @@ class FljobMetricsProcessor(MetricsProcessor):
         extra = {k: v for k, v in (extra_metrics or {}).items() if k != "lr"}  # one group's
         extra.update({f"lr/{name}": lr for name, lr in self._step_lrs.items()})
         extra.update(self._step_stats)
+        extra.update(self._window_metrics())
         self._step_stats = {}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
+
+    def _window_metrics(self) -> dict[str, float]:
+        """Tokens of all ranks since the last log, and the largest data wait and peak memory
+        of any rank (one small all-reduce; every rank logs the same steps)."""
+        peak = self.device_memory_monitor.get_peak_stats()
+        worst = torch.tensor([sum(self.data_loading_times), peak.max_reserved_gib * 2**30],
+                             dtype=torch.float64, device=self._device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        data_wait, reserved = worst.tolist()
+        dims = self.parallel_dims  # each data-parallel replica reads its own tokens
+        tokens = self.ntokens_since_last_log * dims.world_size // dims.non_data_parallel_size
+        return {"window/tokens": tokens, "window/data_wait_s": data_wait,
+                "window/max_reserved_bytes": reserved}
