@@ -39,8 +39,9 @@ exit codes: 0 ok, 1 failure, 2 bad input (the message says which field and how t
 """
 
 
-def _add_spec_args(p: argparse.ArgumentParser, site: bool = True) -> None:
-    p.add_argument("spec", type=Path, help="job spec (YAML)")
+def _add_spec_args(p: argparse.ArgumentParser, site: bool = True, required: bool = True) -> None:
+    p.add_argument("spec", type=Path, nargs=None if required else "?",
+                   help="job spec (YAML)" if required else "job spec (YAML, optional)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set training.steps=100 (repeatable; VALUE is YAML)")
     if site:
@@ -105,8 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
              "(takes torchrun's arguments: fljob launch --nproc-per-node=2 -- train spec.yaml)",
     )
 
-    p = sub.add_parser("doctor", help="preflight checks; --distributed joins the process group and all-reduces")
-    p.add_argument("spec", type=Path, nargs="?", help="job spec (optional)")
+    p = sub.add_parser(
+        "doctor", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="preflight before queueing: tools, partition limits, S3 buckets, Kubeflow CRDs",
+        description="Ask the real cluster and storage whether the spec can run, before it waits in a "
+                    "queue: each check prints PASS, FAIL with a fix, or SKIP with why. Exit 1 when "
+                    "any check failed, 2 for a bad spec.",
+        epilog="checks by backend:\n"
+               "  slurm  sbatch/srun/sacct on PATH; pyxis (srun --help lists --container-image) or\n"
+               "         apptainer per slurm.container.runtime; the partition exists, is UP and its\n"
+               "         MaxTime/MaxNodes admit slurm.time and resources.nodes\n"
+               "  k8s    kubectl on PATH; when a cluster answers, the PyTorchJob CRD serves v1\n"
+               "  local  torch and torchtitan importable\n"
+               "  all    every s3:// bucket of data.streams and checkpoint.uri answers HEAD with\n"
+               "         the spec's storage endpoint and referenced credentials (never printed)\n"
+               "examples:\n"
+               "  fljob doctor --backend slurm spec.yaml\n"
+               "  fljob launch --nproc-per-node=2 -- doctor --distributed   (rendezvous + all-reduce)",
+    )
+    _add_spec_args(p, required=False)
+    _add_backend_arg(p, default="local")
     p.add_argument("--distributed", action="store_true",
                    help="run under torchrun/fljob launch: report rank, world size and an all-reduce result")
 

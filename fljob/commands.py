@@ -54,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
             return doctor_distributed()
         from fljob.doctor import main as doctor
 
-        return doctor(load_spec(args.spec) if args.spec else None)
+        spec = load_spec(args.spec, args.overrides, args.site) if args.spec else None
+        return doctor(spec, args.backend)
     raise AssertionError(f"unhandled command {args.command}")
