@@ -126,7 +126,7 @@ def test_overrides_apply_and_report_their_origin(tmp_path: Path) -> None:
 
 
 def test_override_into_list_item() -> None:
-    text = "name: a\ndata:\n  streams: [{uri: s3://a}, {uri: s3://b}]\n"
+    text = "name: a\ndata:\n  streams: [{uri: s3://a, proportion: 1}, {uri: s3://b, proportion: 1}]\n"
     spec = load_spec_text(text, overrides=["data.streams.1.proportion=0.25"])
     assert spec.data.streams[1].proportion == 0.25
     with pytest.raises(SpecError, match="no list item 5"):

@@ -404,6 +404,14 @@ class Data(Strict):
     local_cache: str | None = Field(None, description="Local cache folder; defaults under run_dir.")
     num_workers: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _proportions(self) -> Data:
+        given = [s.proportion is not None for s in self.streams]
+        if any(given) and not all(given):
+            raise ValueError("give every stream a proportion, or none (then each stream "
+                             "contributes all its samples once per epoch)")
+        return self
+
 
 class Checkpoint(Strict):
     uri: str | None = Field(
