@@ -130,7 +130,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run under torchrun/fljob launch: report rank, world size and an all-reduce result")
 
     _add_data_parser(sub)
+    _add_dashboard_parser(sub)
     return parser
+
+
+DASHBOARD_EPILOG = """\
+writes three files into the folder:
+  fljob-training.json                   the dashboard (import it, or let provisioning load it)
+  fljob-dashboard.configmap.yaml        the same JSON in a ConfigMap labelled
+                                        grafana_dashboard: "1" (kube-prometheus-stack's Grafana
+                                        sidecar loads it): kubectl apply -f it
+  fljob-dashboards.provisioning.yaml    a Grafana file provider: copy it to
+                                        provisioning/dashboards/ and the JSON to
+                                        /var/lib/grafana/dashboards/fljob/
+
+panels: loss, learning rate per muP group, gradient norm, tokens/s, MFU, step time p50/p95,
+optimizer statistics per group, data wait, checkpoint age/duration/size, device memory;
+variables: datasource, job, run_id (the labels every fljob_ series carries).
+configs/grafana/ holds the output of this command for the current fljob.
+
+examples:
+  fljob dashboard -o grafana/
+  fljob dashboard -o grafana/ --namespace monitoring
+"""
+
+
+def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="write the Grafana dashboard JSON, its ConfigMap and provisioning file",
+                       description="Write fljob's Grafana training dashboard (generated from code).",
+                       epilog=DASHBOARD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", "--output", type=Path, default=Path("."),
+                   help="folder to write into (created if missing; default: the current folder)")
+    p.add_argument("--namespace", help="namespace of the ConfigMap (default: none, kubectl's current)")
 
 
 DATA_PREPARE_EPILOG = """\
@@ -263,6 +294,14 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from fljob.observability.dashboards import write_dashboard_files
+
+    for path in write_dashboard_files(args.output, args.namespace):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:  # torchrun's own arguments follow; argparse must not touch them
@@ -276,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "render": cmd_render,
         "schema": cmd_schema,
         "data": cmd_data,
+        "dashboard": cmd_dashboard,
     }
     try:
         if args.command in handlers:
