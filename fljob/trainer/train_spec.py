@@ -93,7 +93,8 @@ def build_mup_optimizers(model_parts: list[nn.Module], optimizer_config: Optimiz
     del parallel_dims  # muP groups work on FSDP/TP-sharded parameters as they are
     cfg = optimizer_config
     hyper: dict[str, Any] = {"betas": (cfg.beta1, cfg.beta2),
-                             "foreach": cfg.implementation == "foreach"}
+                             "foreach": cfg.implementation == "foreach",
+                             "fused": cfg.implementation == "fused"}
     if cfg.name in QUASI_HYPERBOLIC:
         hyper["nus"] = tuple(cfg.nus)
 
