@@ -25,9 +25,11 @@
 #   FLJOB_S3_CONTAINER_PORT   container server                 [18482]
 #   FLJOB_S3_OBJECT_PORT      object server                    [18483]
 #   FLJOB_S3_MEMCACHED_PORT   memcached (tempauth needs it)    [18484]
+#   FLJOB_S3_ACCESS_KEY       test access key, ACCOUNT:USER    [test:tester]
+#   FLJOB_S3_SECRET_KEY       its secret                       [fljob-s3-test-secret-5e0c7a]
 #
-# Endpoint http://127.0.0.1:$FLJOB_S3_PORT, path-style addressing, region us-east-1, test
-# credentials: access key "test:tester", secret "testing" (tempauth user test:tester).
+# Endpoint http://127.0.0.1:$FLJOB_S3_PORT, path-style addressing, region us-east-1. The
+# secret is a distinctive string, not a word, so tests can grep logs and files for it.
 set -euo pipefail
 
 D=${FLJOB_S3_DIR:-/tmp/fljob-s3}
@@ -38,8 +40,8 @@ OBJECT_PORT=${FLJOB_S3_OBJECT_PORT:-18483}
 MC_PORT=${FLJOB_S3_MEMCACHED_PORT:-18484}
 PIDS=$D/pids
 REGION=us-east-1
-ACCESS_KEY=test:tester
-SECRET_KEY=testing
+ACCESS_KEY=${FLJOB_S3_ACCESS_KEY:-test:tester}
+SECRET_KEY=${FLJOB_S3_SECRET_KEY:-fljob-s3-test-secret-5e0c7a}
 # Start order; stop goes the other way (the proxy first, so no request is half served).
 DAEMONS="memcached account container object proxy"
 PACKAGES="swift swift-proxy swift-account swift-container swift-object memcached curl iproute2"
