@@ -120,14 +120,19 @@ def build_job_config(spec: JobSpec, device: str) -> FljobJobConfig:
             data_parallel_replicate_degree=spec.parallelism.data_parallel_replicate_degree,
             tensor_parallel_degree=spec.parallelism.tensor_parallel_degree,
         ),
-        # Off until object-store checkpointing (fljob.trainer.checkpoint) takes it over;
-        # the values are what it will run with.
+        # fljob's checkpointer (fljob.trainer.checkpoint) runs from this section. `enable`
+        # stays False here because torchtitan's Trainer builds its own local-folder manager
+        # from it first; FljobTrainer replaces that inert one with fljob's, enabled.
         checkpoint=Checkpoint(
             enable=False,
             folder=spec.checkpoint.uri or "checkpoints",  # relative: inside run_dir
             interval=spec.checkpoint.interval_steps,
-            async_mode="async" if spec.checkpoint.async_save else "disabled",
-            last_save_model_only=False,
+            keep_latest_k=spec.checkpoint.keep_latest,
+            # DCP's thread-based async save stages through the accelerator; on the CPU it
+            # would only copy the state once more, so CPU runs save synchronously.
+            async_mode="async" if spec.checkpoint.async_save and device == "cuda" else "disabled",
+            load_step=-1,
+            last_save_model_only=False,  # the final save must be able to resume training
         ),
         activation_checkpoint=ActivationCheckpoint(mode=train.activation_checkpoint),
         compile=Compile(enable=train.compile),

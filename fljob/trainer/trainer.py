@@ -3,7 +3,9 @@
 torchtitan's ``train()`` checks ``should_continue_training()`` before every step; this
 subclass also stops there once any rank has been signalled (:mod:`.preemption`), so the
 step in flight completes, its metrics are logged and :meth:`FljobTrainer.save_for_requeue`
-can checkpoint it. Everything else (the step, clipping, schedules, FSDP) is torchtitan's.
+can checkpoint it; checkpoints go through fljob's object-store checkpointer
+(:mod:`fljob.trainer.checkpoint`). Everything else (the step, clipping, schedules, FSDP)
+is torchtitan's.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
+from fljob.trainer.checkpoint import build_checkpointer
 from fljob.trainer.metrics.processor import FljobMetricsProcessor
 from fljob.trainer.preemption import Preemption
 
@@ -21,6 +24,7 @@ class FljobTrainer(Trainer):
 
     def __init__(self, job_config: JobConfig, preemption: Preemption) -> None:
         super().__init__(job_config)
+        self.checkpointer = build_checkpointer(self)  # object storage, commit protocol
         self.preemption = preemption
         self.preempted = False
         self.metrics_processor.watch(self.optimizers, lambda: self.step)
@@ -37,11 +41,8 @@ class FljobTrainer(Trainer):
     def save_for_requeue(self) -> None:
         """Checkpoint the last finished step so that the requeued job resumes from it.
 
-        Goes through torchtitan's checkpointer as a forced final save; object-store
-        checkpointing (``fljob.trainer.checkpoint``) plugs in behind it. While the
-        checkpointer is disabled nothing is saved and the requeued job starts over.
+        A forced final save through fljob's checkpointer: it returns only once the step is
+        committed (``latest`` names it) and raises :class:`CheckpointError` (exit 1, not the
+        requeue code) when it could not be.
         """
-        if not self.checkpointer.enable:
-            logger.warning("Checkpointing is disabled: the requeued job will start from step 0")
-            return
         self.checkpointer.save(self.step, last_step=True)
