@@ -29,14 +29,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.config import Checkpoint as CheckpointConfig
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import GarbageCollection
 
 from fljob.spec.models import JobSpec
+from fljob.trainer.checkpoint.dcp_storage import storage_reader, storage_writer
 from fljob.trainer.checkpoint.manifest import build_manifest
 from fljob.trainer.checkpoint.store import (
     MANIFEST,
@@ -45,9 +44,6 @@ from fljob.trainer.checkpoint.store import (
     describe_error,
     step_name,
 )
-
-UPLOAD_THREADS = 4
-"""Files each rank writes in parallel to object storage (DCP splits a rank's state by thread)."""
 
 
 class FljobCheckpointManager(CheckpointManager):
@@ -74,23 +70,12 @@ class FljobCheckpointManager(CheckpointManager):
 
     # ------------------------------------------------------------------ DCP seams
 
-    def _writer(self, checkpoint_id: str):
-        if self.store.local:  # fsync each file; object stores make a PUT durable by itself
-            return FileSystemWriter(checkpoint_id, sync_files=True)
-        return FsspecWriter(checkpoint_id, sync_files=False, thread_count=UPLOAD_THREADS,
-                            **self.store.options)
-
-    def _reader(self, checkpoint_id: str):
-        if self.store.local:
-            return FileSystemReader(checkpoint_id)
-        return FsspecReader(checkpoint_id, **self.store.options)
-
     @torch.no_grad()
     def dcp_save(self, state_dict: dict[str, Any], checkpoint_id: str, async_mode: AsyncMode,
                  enable_garbage_collection: bool = False, to_hf: bool = False) -> Future | None:
         if to_hf:
             raise NotImplementedError("fljob checkpoints are DCP only")
-        writer = self._writer(checkpoint_id)
+        writer = storage_writer(checkpoint_id, self.store)
         if async_mode == AsyncMode.ASYNC:
             return dcp.async_save(state_dict, storage_writer=writer, process_group=self.pg)
         dcp.save(state_dict, storage_writer=writer)
@@ -102,7 +87,7 @@ class FljobCheckpointManager(CheckpointManager):
                  from_quantized: bool) -> None:
         if from_hf or from_quantized:
             raise NotImplementedError("fljob checkpoints are DCP only")
-        dcp.load(state_dict, storage_reader=self._reader(checkpoint_id))
+        dcp.load(state_dict, storage_reader=storage_reader(checkpoint_id, self.store))
         # torchtitan flattens the model's entries into the top level: hand them back.
         self.states["model"].load_state_dict(state_dict)
 

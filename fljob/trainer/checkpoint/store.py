@@ -215,11 +215,14 @@ class CheckpointStore:
         return committed[-1] if committed else None
 
     def remove_step(self, step: int) -> None:
-        """Delete a step, its commit marker first: a half-deleted step never looks committed."""
-        marker = self._path(step_name(step), COMMIT_MARKER)
-        if self.fs.exists(marker):
-            self.fs.rm(marker)
-        self.fs.rm(self._path(step_name(step)), recursive=True)
+        """Delete a step, its commit marker first: a half-deleted step never looks committed.
+        One object per request (see :mod:`.dcp_storage` on bulk deletes and S3-compatible
+        stores); a step is a handful of objects."""
+        names = sorted(self.files(step), key=lambda name: name != COMMIT_MARKER)
+        for name in names:
+            self.fs.rm_file(self._path(step_name(step), name))
+        if self.local:
+            os.rmdir(self._path(step_name(step)))
 
     def apply_retention(self, keep: int) -> list[int]:
         """Keep the newest ``keep`` committed steps; delete older committed steps and any
