@@ -1,0 +1,316 @@
+"""MDS preparation and the streaming loader: exact tokens, proportions, DP/TP sharding, resume,
+shared-memory hygiene, and `fljob data prepare`'s answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torchtitan")
+
+import torch.multiprocessing as mp
+
+from fljob.trainer.data.streaming_compat import import_streaming
+
+try:
+    import_streaming()
+except ImportError as exc:
+    pytest.skip(f"mosaicml-streaming is not importable: {exc}", allow_module_level=True)
+
+from fljob.trainer.data.mds_prepare import (
+    INDEX_FILE,
+    TOKENIZER_FILE,
+    PrepareConfig,
+    iter_documents,
+    prepare_mds,
+    read_index,
+)
+from fljob.trainer.data.shared_memory import registered_locals, release_leaked
+from fljob.trainer.data.streaming import (
+    StreamingTokenLoader,
+    StreamSource,
+    replication_for,
+)
+from fljob.trainer.data.tokenizer import TokenizerFile
+
+REPO = Path(__file__).resolve().parents[2]
+SEQ = 16
+VOCAB = 300
+
+
+def _corpus(folder: Path, topic: str, docs: int) -> Path:
+    """A folder of real-looking text: plain files and a JSONL file, with distinct words."""
+    folder.mkdir(parents=True)
+    for i in range(docs):
+        (folder / f"{topic}-{i:02d}.txt").write_text(
+            f"{topic} note {i}: " + " ".join(f"{topic} {i * 40 + k}" for k in range(40)))
+    with open(folder / f"{topic}.jsonl", "w") as handle:
+        for i in range(docs):
+            text = " ".join(f"record {i * 10 + k}" for k in range(10))
+            handle.write(json.dumps({"text": text, "id": i}) + "\n")
+    return folder
+
+
+def _prepare(tmp: Path, topic: str, docs: int = 12, **kwargs) -> Path:
+    dest = tmp / f"mds-{topic}"
+    config = PrepareConfig(src=str(_corpus(tmp / f"src-{topic}", topic, docs)), dest=str(dest),
+                           seq_len=SEQ, vocab_size=VOCAB, **kwargs)
+    prepare_mds(config, progress=False)
+    return dest
+
+
+def _expected_samples(src: Path, dest: Path) -> list[tuple[int, ...]]:
+    """The samples a correct preparation makes, computed independently of the packer."""
+    tokenizer = TokenizerFile(dest / TOKENIZER_FILE)
+    stream: list[int] = []
+    for text, _ in iter_documents(str(src)):
+        stream += tokenizer.encode(text) + [tokenizer.eos_id]
+    n = (len(stream) - 1) // SEQ
+    return [tuple(stream[i * SEQ:i * SEQ + SEQ + 1]) for i in range(n)]
+
+
+def _loader(sources: list[StreamSource], batch: int = 4, seed: int = 7, dp_rank: int = 0,
+            dp_world: int = 1) -> StreamingTokenLoader:
+    return StreamingTokenLoader(sources, batch_size=batch, dp_rank=dp_rank, dp_world=dp_world,
+                                seed=seed)
+
+
+def _rows(batch) -> list[tuple[int, ...]]:
+    """A batch back to whole samples: input plus the last label."""
+    inputs, labels = batch
+    assert inputs["input"].dtype.is_floating_point is False
+    assert (inputs["input"][:, 1:] == labels[:, :-1]).all()  # labels are inputs shifted by one
+    full = np.concatenate([inputs["input"].numpy(), labels[:, -1:].numpy()], axis=1)
+    return [tuple(int(x) for x in row) for row in full]
+
+
+def _take(loader: StreamingTokenLoader, batches: int, it=None) -> list[tuple[int, ...]]:
+    it = iter(loader) if it is None else it
+    return [row for _ in range(batches) for row in _rows(next(it))]
+
+
+@pytest.fixture(autouse=True)
+def _single_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                        ("LOCAL_WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+
+
+def test_prepare_then_loader_reads_exactly_the_packed_tokens(tmp_path: Path) -> None:
+    dest = _prepare(tmp_path, "alpha")
+    expected = _expected_samples(tmp_path / "src-alpha", dest)
+    index = read_index(str(dest))
+    assert index is not None and index.samples == len(expected) and index.seq_len == SEQ
+    assert index.documents == 24
+    assert index.vocab_size == TokenizerFile(dest / TOKENIZER_FILE).get_vocab_size() <= VOCAB
+    assert (dest / "index.json").exists() and any(dest.glob("shard.*.mds.zstd"))
+
+    loader = _loader([StreamSource(str(dest), str(tmp_path / "cache"))], batch=4)
+    got = _take(loader, len(expected) // 4)  # one epoch, the ragged last batch dropped
+    assert len(set(expected)) == len(expected)  # the corpus has no repeated window
+    assert len(set(got)) == len(got)  # no sample twice within an epoch
+    assert set(got) <= set(expected) and len(expected) - len(got) < 4
+    assert got != expected[:len(got)]  # shuffled
+
+
+def test_proportions_weight_the_streams(tmp_path: Path) -> None:
+    a, b = _prepare(tmp_path, "alpha"), _prepare(tmp_path, "beta")
+    in_a = set(_expected_samples(tmp_path / "src-alpha", a))
+    in_b = set(_expected_samples(tmp_path / "src-beta", b))
+    assert not in_a & in_b
+    loader = _loader([StreamSource(str(a), str(tmp_path / "ca"), proportion=3.0),
+                      StreamSource(str(b), str(tmp_path / "cb"), proportion=1.0)], batch=2)
+    epoch = loader.dataset.epoch_size
+    rows = _take(loader, epoch // 2)
+    counts = Counter("a" if r in in_a else "b" if r in in_b else "?" for r in rows)
+    assert counts["?"] == 0
+    assert abs(counts["a"] - 0.75 * len(rows)) <= 2 and abs(counts["b"] - 0.25 * len(rows)) <= 2
+
+
+def test_resume_from_state_dict_continues_with_the_same_batches(tmp_path: Path) -> None:
+    dest = _prepare(tmp_path, "alpha")
+    source = [StreamSource(str(dest), str(tmp_path / "c1"))]
+    first = _loader(source, batch=3)
+    epoch_batches = first.dataset.epoch_size // 3
+    it = iter(first)
+    _take(first, epoch_batches - 2, it)  # stop two batches before the epoch ends
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["sample_in_epoch"] == (epoch_batches - 2) * 3
+    continuation = _take(first, 5, it)  # crosses into the next epoch
+
+    resumed = _loader([StreamSource(str(dest), str(tmp_path / "c2"))], batch=3)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # as stored in a checkpoint
+    assert _take(resumed, 5) == continuation
+
+    fresh = _loader([StreamSource(str(dest), str(tmp_path / "c3"))], batch=3)
+    assert _take(fresh, 5) != continuation  # the state is what made the difference
+
+
+def _shard_worker(rank: int, world: int, port: int, dest: str, cache: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    tp = 2
+    loader = _loader([StreamSource(dest, cache)], batch=2, dp_rank=rank // tp,
+                     dp_world=world // tp)
+    rows = _take(loader, 4)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_dp_ranks_disjoint_and_tp_peers_identical(tmp_path: Path) -> None:
+    """World 4 = 2 data-parallel ranks x TP 2, as torchtitan lays out its mesh."""
+    dest = _prepare(tmp_path, "alpha", docs=30)
+    mp.spawn(_shard_worker, args=(4, _free_port(), str(dest), str(tmp_path / "cache"),
+                                  str(tmp_path)), nprocs=4, join=True)
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert rows[0] == rows[1] and rows[2] == rows[3]  # TP peers see the same samples
+    assert not {tuple(r) for r in rows[0]} & {tuple(r) for r in rows[2]}  # DP ranks do not
+    assert len(rows[0]) == 8
+
+
+def test_replication_refuses_a_mesh_without_tp_innermost(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    assert replication_for(dp_rank=0, dp_world=2) == 2
+    with pytest.raises(RuntimeError, match="innermost"):
+        replication_for(dp_rank=1, dp_world=2)  # rank 1 would be DP rank 1 if TP were outermost
+
+
+def test_leaked_shared_memory_of_this_job_is_released(tmp_path: Path) -> None:
+    """A crashed run's registration blocks the restart; the job-scoped clean removes only it."""
+    from multiprocessing import shared_memory
+    from tempfile import gettempdir
+
+    from streaming.base.shared.prefix import _get_path, _pack_locals
+
+    dest = _prepare(tmp_path, "alpha")
+    ours, theirs = str(tmp_path / "cache-ours"), str(tmp_path / "cache-theirs")
+    # Streaming walks prefixes from 0, skipping those with file locks in the temp folder, and
+    # stops at the first without a block: a leak there (after a container restart, which
+    # empties /tmp but not the pod's /dev/shm) claims the restarted run's cache folder.
+    taken = set(registered_locals())
+    free = [p for p in range(10000) if p not in taken
+            and not Path(gettempdir(), _get_path(p, "barrier_filelock")).exists()][:2]
+    blocks = []
+    for prefix, local in zip(free, (ours, theirs), strict=True):
+        data = _pack_locals([local], prefix)
+        block = shared_memory.SharedMemory(_get_path(prefix, "locals"), create=True, size=len(data))
+        block.buf[:len(data)] = data
+        blocks.append(block)
+    try:
+        with pytest.raises(ValueError, match="Reused local directory"):
+            _loader([StreamSource(str(dest), ours)])
+        assert release_leaked([ours]) == [free[0]]
+        assert free[0] not in registered_locals() and registered_locals()[free[1]] == [theirs]
+        assert len(_take(_loader([StreamSource(str(dest), ours)]), 1)) == 4
+    finally:
+        for block in blocks:
+            block.close()
+            try:
+                block.unlink()
+            except FileNotFoundError:
+                pass
+
+
+# ------------------------------------------------------------------ fljob data prepare CLI
+
+
+def fljob(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fljob.cli", *args], capture_output=True,
+                          text=True, check=False, timeout=300,
+                          env={**_outside_torchrun(), "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def _outside_torchrun() -> dict[str, str]:
+    """This environment without the rank variables the single-rank fixture sets."""
+    ranks = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+    return {k: v for k, v in os.environ.items() if k not in ranks}
+
+
+def test_cli_prepares_the_bundled_corpus(tmp_path: Path) -> None:
+    result = fljob("data", "prepare", "builtin:pydoc", str(tmp_path / "out"), "--seq-len", "64",
+                   "--no-progress")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
+    assert index["source"].startswith("pydoc_data.topics") and index["samples"] > 1000
+    assert index["tokens"] >= index["samples"] * 64
+
+
+@pytest.mark.parametrize("case", ["missing-src", "bad-jsonl", "dest-not-empty", "no-endpoint"])
+def test_cli_bad_input_exits_2_without_a_complete_dataset(tmp_path: Path, case: str) -> None:
+    dest = tmp_path / "out"
+    src = _corpus(tmp_path / "src", "alpha", 3)
+    env = {}
+    if case == "missing-src":
+        args, needle = [str(tmp_path / "nope"), str(dest)], "does not exist"
+    elif case == "bad-jsonl":  # 300 good records (a batch is written) then a broken one
+        lines = [json.dumps({"text": f"record {i} " * 20}) for i in range(300)] + ["{oops"]
+        (src / "zz.jsonl").write_text("\n".join(lines) + "\n")
+        args, needle = [str(src), str(dest)], "zz.jsonl:301"
+    elif case == "dest-not-empty":
+        dest.mkdir()
+        (dest / "keep.txt").write_text("mine")
+        args, needle = [str(src), str(dest)], "--overwrite"
+    else:
+        args, needle = [str(src), "s3://bucket/x", "--endpoint-url",
+                        f"http://127.0.0.1:{_free_port()}"], "cannot reach the S3 endpoint"
+        env = {"AWS_ACCESS_KEY_ID": "fljob-test-id", "AWS_SECRET_ACCESS_KEY": "fljob-test-secret"}
+    result = fljob("data", "prepare", *args, "--seq-len", str(SEQ), "--vocab-size", str(VOCAB),
+                   "--no-progress", env=env)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr
+    assert "fljob-test-secret" not in result.stderr + result.stdout
+    assert not (dest / INDEX_FILE).exists() and not (dest / "index.json").exists()
+    if case == "dest-not-empty":
+        assert (dest / "keep.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------ the trainer on a stream
+
+
+def _stream_spec(tmp: Path, uri: str, seq_len: int = SEQ) -> Path:
+    spec = tmp / "spec.yaml"
+    spec.write_text(json.dumps({
+        "name": "stream-test", "run_dir": str(tmp / "run"),
+        "training": {"steps": 3, "local_batch_size": 2, "seq_len": seq_len},
+        "data": {"streams": [{"uri": uri}]},
+        "metrics": {"enabled": False, "port": _free_port()},
+    }))
+    return spec
+
+
+def test_fljob_train_reads_a_local_stream(tmp_path: Path) -> None:
+    dest = _prepare(tmp_path, "alpha")
+    result = fljob("train", str(_stream_spec(tmp_path, str(dest))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    # The run trained with the tokenizer stored beside the stream, fetched into its run_dir.
+    fetched = tmp_path / "run" / "data" / TOKENIZER_FILE
+    assert fetched.read_bytes() == (dest / TOKENIZER_FILE).read_bytes()
+    assert any((tmp_path / "run" / "data" / "mds-cache" / "0").iterdir())
+
+
+def test_fljob_train_refuses_a_stream_of_another_seq_len(tmp_path: Path) -> None:
+    dest = _prepare(tmp_path, "alpha")
+    result = fljob("train", str(_stream_spec(tmp_path, str(dest), seq_len=2 * SEQ)))
+    assert result.returncode == 2
+    assert f"seq_len {SEQ}" in result.stderr and "Traceback" not in result.stderr
