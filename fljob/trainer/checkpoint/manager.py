@@ -44,6 +44,7 @@ from fljob.trainer.checkpoint.store import (
     describe_error,
     step_name,
 )
+from fljob.trainer.metrics.prometheus import record_checkpoint
 
 
 class FljobCheckpointManager(CheckpointManager):
@@ -153,7 +154,11 @@ class FljobCheckpointManager(CheckpointManager):
     def _report(self, step: int, error: str | None, begin: float, fatal: bool) -> None:
         if error is None:
             self.committed_step = step
-            logger.info(f"Committed {self.store.step_uri(step)} in {time.monotonic() - begin:.2f} s")
+            seconds = time.monotonic() - begin
+            logger.info(f"Committed {self.store.step_uri(step)} in {seconds:.2f} s")
+            if self.rank == 0:  # the exporter's rank; the marker holds the shards' size
+                marker = self.store.commit_record(step) or {}
+                record_checkpoint(step, seconds, int(marker.get("bytes", 0)), time.time())
             return
         previous = step_name(self.committed_step) if self.committed_step is not None else "none"
         line = (f"checkpoint {self.store.step_uri(step)} was not committed ({error}); "
