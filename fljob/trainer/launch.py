@@ -22,6 +22,8 @@ from pathlib import Path
 from fljob.exitcodes import REQUEUE
 
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+# How torchrun's own teardown of the remaining workers shows up in their exit codes.
+TEARDOWN_EXIT_CODES = frozenset({-signal.SIGTERM, -signal.SIGKILL})
 
 
 def _descendants(pid: int) -> list[int]:
@@ -56,8 +58,10 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    # torchrun handles SIGTERM by killing the workers after 30 s; we want them to checkpoint.
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")
+    # torchrun handles SIGTERM by killing the workers; we want them to checkpoint. Its
+    # --signals-to-handle option defaults from PET_SIGNALS_TO_HANDLE and overwrites
+    # TORCHELASTIC_SIGNALS_TO_HANDLE, so the option's variable is the one to set.
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, _forward)
     try:
@@ -65,7 +69,18 @@ def main(argv: list[str]) -> int:
     except ChildFailedError as exc:
         codes = sorted({failure.exitcode for failure in exc.failures.values()})
         print(f"fljob launch: workers exited with {codes}", file=sys.stderr)
-        if codes == [REQUEUE]:
-            return REQUEUE
-        return codes[0] if codes and codes[0] > 0 else 1
+        return launcher_exit_code(codes)
     return 0
+
+
+def launcher_exit_code(codes: list[int]) -> int:
+    """The launcher's exit code from the sorted exit codes of the workers that failed.
+
+    torchrun stops the other workers (SIGTERM, then SIGKILL) as soon as one exits non-zero.
+    After a preemption every rank exits REQUEUE, but only once the checkpoint's commit has
+    been broadcast; the slower ones (rank 0 still tearing down) then show up as killed by
+    that teardown. A mix of REQUEUE and such kills is therefore still a requeue.
+    """
+    if REQUEUE in codes and set(codes) <= {REQUEUE, *TEARDOWN_EXIT_CODES}:
+        return REQUEUE
+    return codes[0] if codes and codes[0] > 0 else 1
