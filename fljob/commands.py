@@ -55,5 +55,9 @@ def run(args: argparse.Namespace) -> int:
         from fljob.doctor import main as doctor
 
         spec = load_spec(args.spec, args.overrides, args.site) if args.spec else None
+        if spec is not None:  # what `submit` would reject is a bad spec (exit 2), not a failed check
+            from fljob.cli import _renderer
+
+            _renderer(args.backend).check(spec)
         return doctor(spec, args.backend)
     raise AssertionError(f"unhandled command {args.command}")
