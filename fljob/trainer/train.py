@@ -41,14 +41,14 @@ def main(spec: JobSpec) -> int:
     from fljob.trainer.data.builder import build_tokenizer
     from fljob.trainer.data.prepare import prepare_bundled_text, prepare_stream_tokenizer
     from fljob.trainer.job_config import build_job_config
-    from fljob.trainer.model.flavors import get_flavor
+    from fljob.trainer.model.flavors import flavor_name, get_flavor
     from fljob.trainer.trainer import FljobTrainer
 
     apply_storage_environment(spec.storage)  # endpoint, region, resolved credentials
     if spec.data.streams:
         prepare_stream_tokenizer(spec)
     else:
-        prepare_bundled_text(spec, vocab_size=get_flavor(train_spec.flavor_name(spec)).vocab_size)
+        prepare_bundled_text(spec, vocab_size=get_flavor(flavor_name(spec)).vocab_size)
     train_spec.register(spec, vocab_size=build_tokenizer(spec).get_vocab_size())
 
     trainer = FljobTrainer(build_job_config(spec, device), preemption)

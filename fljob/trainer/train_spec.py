@@ -30,7 +30,7 @@ from fljob.trainer.data.tokenizer import TokenizerFile
 from fljob.trainer.job_config import TRAIN_SPEC_NAME, OptimizerConfig, job_spec
 from fljob.trainer.metrics.processor import FljobMetricsProcessor
 from fljob.trainer.model.args import ModelArgs
-from fljob.trainer.model.flavors import TINY_FLAVOR, get_flavor
+from fljob.trainer.model.flavors import args_for_spec
 from fljob.trainer.model.model import MuPTransformer
 from fljob.trainer.model.mup import WeightDecayMode, mup_param_groups
 from fljob.trainer.model.parallelize import parallelize_mup_llama
@@ -49,27 +49,6 @@ WEIGHT_DECAY_MODES: dict[str, WeightDecayMode] = {
 }
 """How each optimizer applies weight decay with the defaults fljob builds it with (see
 ``fljob.trainer.optim.weight_decay``); muP scales each group's decay accordingly."""
-
-
-def flavor_name(spec: JobSpec) -> str:
-    """The spec's flavor; "tiny" (the spec's default) names the smallest registered one."""
-    return TINY_FLAVOR if spec.model.flavor == "tiny" else spec.model.flavor
-
-
-def model_args(spec: JobSpec, vocab_size: int) -> ModelArgs:
-    """The flavor's arguments with the spec's muP settings and the tokenizer's vocabulary."""
-    m = spec.model
-    return get_flavor(
-        flavor_name(spec),
-        vocab_size=vocab_size,
-        mup_enabled=m.mup,
-        attn_scaling=m.attention_scale,
-        input_alpha=m.input_alpha,
-        output_alpha=m.output_alpha,
-        depth_alpha=m.depth_alpha_exp,
-        init_std=m.init_std,
-        tie_word_embeddings=m.tie_embeddings,
-    )
 
 
 class MuPOptimizersContainer(OptimizersContainer):
@@ -142,5 +121,5 @@ def build_train_spec(args: ModelArgs, flavor: str) -> TrainSpec:
 
 def register(spec: JobSpec, vocab_size: int) -> None:
     """Register fljob's TrainSpec for ``spec`` under :data:`TRAIN_SPEC_NAME` (once per process)."""
-    register_train_spec(TRAIN_SPEC_NAME, build_train_spec(model_args(spec, vocab_size),
+    register_train_spec(TRAIN_SPEC_NAME, build_train_spec(args_for_spec(spec, vocab_size),
                                                           spec.model.flavor))

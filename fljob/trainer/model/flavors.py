@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 from fljob.trainer.model.args import ModelArgs
+
+if TYPE_CHECKING:
+    from fljob.spec.models import JobSpec
 
 DEFAULT_VOCAB_SIZE = 8192
 BASE_DIM = 256
@@ -72,3 +76,24 @@ def get_flavor(name: str, **overrides: object) -> ModelArgs:
     except KeyError:
         raise KeyError(f"unknown model flavor {name!r}; known: {', '.join(FLAVOR_NAMES)}") from None
     return dataclasses.replace(args, **overrides)
+
+
+def flavor_name(spec: JobSpec) -> str:
+    """The spec's flavor; "tiny" (the spec's default) names the smallest registered one."""
+    return TINY_FLAVOR if spec.model.flavor == "tiny" else spec.model.flavor
+
+
+def args_for_spec(spec: JobSpec, vocab_size: int) -> ModelArgs:
+    """The flavor's arguments with the spec's muP settings and the tokenizer's vocabulary."""
+    m = spec.model
+    return get_flavor(
+        flavor_name(spec),
+        vocab_size=vocab_size,
+        mup_enabled=m.mup,
+        attn_scaling=m.attention_scale,
+        input_alpha=m.input_alpha,
+        output_alpha=m.output_alpha,
+        depth_alpha=m.depth_alpha_exp,
+        init_std=m.init_std,
+        tie_word_embeddings=m.tie_embeddings,
+    )
