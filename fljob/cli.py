@@ -33,6 +33,7 @@ examples:
   fljob submit --backend slurm spec.yaml --set training.steps=100
   fljob status slurm://1234 ; fljob logs -f slurm://1234 ; fljob cancel slurm://1234
   fljob schema > fljob.schema.json                  JSON Schema for your editor
+  fljob data prepare builtin:pydoc s3://bucket/pydoc   tokenized MDS shards to train from
 
 exit codes: 0 ok, 1 failure, 2 bad input (the message says which field and how to fix it),
 75 the trainer checkpointed and asks to be requeued.
@@ -197,8 +198,8 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
                    help="tokens per training sequence; samples hold seq-len+1 (default: 128)")
     p.add_argument("--tokenizer", metavar="PATH_OR_URI",
                    help="tokenizer.json (path or s3:// URI); default: train a byte-level BPE on SRC")
-    p.add_argument("--vocab-size", type=int, default=8192,
-                   help="vocabulary of the trained BPE; match the model flavor (default: 8192)")
+    p.add_argument("--vocab-size", type=int,
+                   help="vocabulary of the trained BPE (default: the model flavors' 8192)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--shard-size", default="64mb", help="uncompressed shard size limit (default: 64mb)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
@@ -214,6 +215,7 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """`fljob data prepare`: storage settings into the environment, then the preparation."""
+    import dataclasses
     import os
 
     from fljob.spec.models import Storage
@@ -230,10 +232,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     apply_storage_environment(storage)
     from fljob.trainer.data.mds_prepare import PrepareConfig, prepare_mds
 
-    index = prepare_mds(PrepareConfig(
+    config = PrepareConfig(
         src=args.src, dest=args.dest, seq_len=args.seq_len, tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size, text_field=args.text_field, shard_size=args.shard_size,
-        overwrite=args.overwrite), progress=not args.no_progress)
+        text_field=args.text_field, shard_size=args.shard_size, overwrite=args.overwrite)
+    if args.vocab_size:
+        config = dataclasses.replace(config, vocab_size=args.vocab_size)
+    index = prepare_mds(config, progress=not args.no_progress)
     print(f"{args.dest}: {index.documents} documents, {index.tokens} tokens, "
           f"{index.samples} samples of {index.seq_len + 1} tokens (vocab {index.vocab_size})")
     return 0

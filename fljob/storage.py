@@ -36,11 +36,15 @@ def resolve_secret(target: str, ref: SecretRef, environ: Mapping[str, str]) -> s
     return environ.get(target)
 
 
+ENDPOINT_VARIABLES = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+"""Where streaming (the first) and boto3/s3fs (the second) look for a custom endpoint."""
+
+
 def storage_environment(storage: Storage, environ: Mapping[str, str]) -> dict[str, str]:
     """The variables to set for ``storage``: endpoint, region and resolved credentials."""
     env = {"AWS_DEFAULT_REGION": storage.region, "AWS_REGION": storage.region}
     if storage.endpoint_url:
-        env["S3_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"] = storage.endpoint_url
+        env.update(dict.fromkeys(ENDPOINT_VARIABLES, storage.endpoint_url))
     for target, ref in storage.credential_refs().items():
         value = resolve_secret(target, ref, environ)
         if value is not None:
@@ -50,8 +54,15 @@ def storage_environment(storage: Storage, environ: Mapping[str, str]) -> dict[st
 
 def apply_storage_environment(storage: Storage,
                               environ: MutableMapping[str, str] | None = None) -> None:
-    """Set :func:`storage_environment` in this process (``os.environ`` by default)."""
+    """Set :func:`storage_environment` in this process (``os.environ`` by default).
+
+    An unset ``endpoint_url`` means AWS: an endpoint left in the environment is removed, so
+    the spec alone decides where data and checkpoints go.
+    """
     environ = os.environ if environ is None else environ
+    if not storage.endpoint_url:
+        for name in ENDPOINT_VARIABLES:
+            environ.pop(name, None)
     environ.update(storage_environment(storage, environ))
 
 

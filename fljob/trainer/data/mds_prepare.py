@@ -35,6 +35,7 @@ from fljob.trainer.data.streaming_compat import import_streaming
 from fljob.trainer.data.text import bundled_documents, bundled_source
 from fljob.trainer.data.token_file import token_dtype
 from fljob.trainer.data.tokenizer import TokenizerFile, train_bpe
+from fljob.trainer.model.flavors import DEFAULT_VOCAB_SIZE
 
 BUILTIN_SOURCE = "builtin:pydoc"
 """SRC that names the bundled corpus."""
@@ -55,7 +56,7 @@ class PrepareConfig:
     dest: str
     seq_len: int = 128
     tokenizer: str | None = None
-    vocab_size: int = 8192
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     text_field: str = "text"
     compression: str = "zstd"
     shard_size: str = "64mb"
