@@ -151,8 +151,8 @@ class MomentOptimizer(Optimizer):
         grouped = Optimizer._group_tensors_by_device_and_dtype(bucket.lists())
         for lists, _ in grouped.values():
             for step, sub in _split_by_step(Bucket(*lists)):
-                tensors = [*sub.params, *sub.grads, *sub.exp_avgs, *sub.exp_avg_sqs]
-                if group.get("fused") and fused is not None and supports_fused(tensors):
+                if group.get("fused") and fused is not None \
+                        and supports_fused(sub.params, sub.grads):
                     fused(group, sub, step)
                 else:
                     foreach(group, sub, step)

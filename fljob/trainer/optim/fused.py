@@ -93,10 +93,14 @@ def _local(t: Tensor) -> Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def supports_fused(tensors: Sequence[Tensor]) -> bool:
-    """Whether the kernels can update these tensors in place (else use the foreach path)."""
+def supports_fused(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    """Whether the kernels can update these parameters in place (else use the foreach path).
+
+    Only parameters and gradients are checked: the moments are created (and loaded) with
+    their parameter's dtype and layout. Cheap on purpose, it runs every step.
+    """
     interpret = _interpreting()
-    for t in tensors:
+    for t in (*params, *grads):
         local = _local(t)
         if local.dtype not in FUSED_DTYPES or not local.is_contiguous():
             return False
@@ -115,16 +119,22 @@ def check_fused_device(params: Sequence[Tensor]) -> None:
             raise ValueError(f"fused=True needs CUDA parameters, got one on {device!r}")
 
 
-def _launch(rule: Callable[..., None], tensors: tuple[Tensor, Tensor, Tensor, Tensor],
-            *scalars: float) -> None:
-    p, g, m, v = (_local(t) for t in tensors)
-    n = p.numel()
-    if n == 0:
-        return
+def _launch_each(rule: Callable[..., None], bucket_lists: Sequence[Sequence[Tensor]],
+                 *scalars: float) -> None:
+    """Launch ``rule`` once per tensor of the bucket ``(params, grads, exp_avgs, exp_avg_sqs)``.
+
+    Kernel lookup and argument conversion happen once per bucket: with a few hundred
+    tensors the host must stay ahead of the device.
+    """
     kernel = _jit(rule, _interpreting())
     # float(): an int hyperparameter (weight_decay=0) would give the kernel another signature.
-    kernel[(triton.cdiv(n, BLOCK_SIZE),)](p, g, m, v, n, *(float(s) for s in scalars),
-                                          BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    args = tuple(float(s) for s in scalars)
+    for tensors in zip(*bucket_lists, strict=True):
+        p, g, m, v = (_local(t) for t in tensors)
+        n = p.numel()
+        if n:
+            kernel[(triton.cdiv(n, BLOCK_SIZE),)](p, g, m, v, n, *args, BLOCK=BLOCK_SIZE,
+                                                  num_warps=NUM_WARPS)
 
 
 def qhadam_step(bucket_lists: Sequence[Sequence[Tensor]], *, lr: float, betas: tuple[float, float],
@@ -133,9 +143,8 @@ def qhadam_step(bucket_lists: Sequence[Sequence[Tensor]], *, lr: float, betas: t
     """QHAdam over parallel lists ``(params, grads, exp_avgs, exp_avg_sqs)`` at ``step``."""
     (beta1, beta2), (nu1, nu2) = betas, nus
     bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
-    scalars = (lr, beta1, beta2, eps, decay, coupled_wd, nu1 / bc1, 1.0 - nu1, nu2 / bc2, 1.0 - nu2)
-    for tensors in zip(*bucket_lists, strict=True):
-        _launch(_qhadam_rule, tensors, *scalars)
+    _launch_each(_qhadam_rule, bucket_lists, lr, beta1, beta2, eps, decay, coupled_wd,
+                 nu1 / bc1, 1.0 - nu1, nu2 / bc2, 1.0 - nu2)
 
 
 def adopt_step(bucket_lists: Sequence[Sequence[Tensor]], *, lr: float, betas: tuple[float, float],
@@ -143,6 +152,5 @@ def adopt_step(bucket_lists: Sequence[Sequence[Tensor]], *, lr: float, betas: tu
                clip: float | None) -> None:
     """One (QH)ADOPT update over parallel lists ``(params, grads, exp_avgs, exp_avg_sqs)``."""
     beta1, beta2 = betas
-    scalars = (lr, beta1, beta2, eps, decay, coupled_wd, nu, math.inf if clip is None else clip)
-    for tensors in zip(*bucket_lists, strict=True):
-        _launch(_adopt_rule, tensors, *scalars)
+    _launch_each(_adopt_rule, bucket_lists, lr, beta1, beta2, eps, decay, coupled_wd, nu,
+                 math.inf if clip is None else clip)
