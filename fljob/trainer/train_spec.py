@@ -32,23 +32,11 @@ from fljob.trainer.metrics.processor import FljobMetricsProcessor
 from fljob.trainer.model.args import ModelArgs
 from fljob.trainer.model.flavors import args_for_spec
 from fljob.trainer.model.model import MuPTransformer
-from fljob.trainer.model.mup import WeightDecayMode, mup_param_groups
+from fljob.trainer.model.mup import mup_param_groups
 from fljob.trainer.model.parallelize import parallelize_mup_llama
 from fljob.trainer.model.state_dict_adapter import MuPLlamaStateDictAdapter
 from fljob.trainer.optim import build_optimizer
-
-QUASI_HYPERBOLIC = frozenset({"qhadamw", "qhadopt"})
-"""Optimizers that take the spec's ``nus``."""
-
-WEIGHT_DECAY_MODES: dict[str, WeightDecayMode] = {
-    "adamw": "lr_coupled",  # torch AdamW: p *= 1 - lr * wd
-    "decoupled_adamw": "decoupled",
-    "qhadamw": "decoupled",  # its default decouple=True
-    "adopt": "l2",  # its default decouple=False
-    "qhadopt": "l2",
-}
-"""How each optimizer applies weight decay with the defaults fljob builds it with (see
-``fljob.trainer.optim.weight_decay``); muP scales each group's decay accordingly."""
+from fljob.trainer.optim.builder import QUASI_HYPERBOLIC, WEIGHT_DECAY_MODES
 
 
 class MuPOptimizersContainer(OptimizersContainer):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
@@ -13,6 +13,9 @@ from fljob.trainer.optim.decoupled_adamw import DecoupledAdamW
 from fljob.trainer.optim.qhadamw import QHAdamW
 from fljob.trainer.optim.qhadopt import QHADOPT
 
+if TYPE_CHECKING:
+    from fljob.trainer.model.mup import WeightDecayMode
+
 OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adopt": ADOPT,
     "qhadamw": QHAdamW,
@@ -20,6 +23,19 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "decoupled_adamw": DecoupledAdamW,
     "adamw": AdamW,
 }
+
+QUASI_HYPERBOLIC = frozenset({"qhadamw", "qhadopt"})
+"""Optimizers that take the spec's ``nus``."""
+
+WEIGHT_DECAY_MODES: dict[str, WeightDecayMode] = {
+    "adamw": "lr_coupled",  # torch AdamW: p *= 1 - lr * wd
+    "decoupled_adamw": "decoupled",
+    "qhadamw": "decoupled",  # its default decouple=True
+    "adopt": "l2",  # its default decouple=False
+    "qhadopt": "l2",
+}
+"""How each optimizer applies weight decay with the defaults fljob builds it with (see
+``fljob.trainer.optim.weight_decay``); muP scales each group's decay accordingly."""
 
 
 def build_optimizer(name: str, param_groups: ParamsT, **hyper: Any) -> Optimizer:
