@@ -104,12 +104,17 @@ def shard_keys(uri: str) -> tuple[str, list[str], int]:
     return bucket, keys, sum(s["samples"] for s in index["shards"])
 
 
-def boto3_download(bucket: str, keys: list[str]) -> tuple[float, int]:
-    """Seconds and bytes to GET every shard object once."""
+def boto3_download(bucket: str, keys: list[str], decompress: bool = False) -> tuple[float, int]:
+    """Seconds and bytes to GET every shard object once (and zstd-decompress it)."""
+    import zstd
+
     client = s3_client()
     start, size = time.perf_counter(), 0
     for key in keys:
-        size += len(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        size += len(body)
+        if decompress:
+            zstd.decompress(body)
     return time.perf_counter() - start, size
 
 
@@ -138,7 +143,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=60)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--shard-size", default="16mb")
+    parser.add_argument("--shard-size", default="4mb")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "dataloader_s3.md")
     args = parser.parse_args()
@@ -164,13 +169,15 @@ def main() -> None:
         prepare_s = time.perf_counter() - start
         bucket, keys, samples = shard_keys(uri)
 
-        anchor, cold, warm, first = [], [], [], []
+        anchor, unzipped, cold, warm, first = [], [], [], [], []
         for p in range(args.passes):
             order = ("anchor", "loader") if p % 2 == 0 else ("loader", "anchor")
             for which in order:
                 if which == "anchor":
                     seconds, shard_bytes = boto3_download(bucket, keys)
                     anchor.append(samples / seconds)
+                    seconds, _ = boto3_download(bucket, keys, decompress=True)
+                    unzipped.append(samples / seconds)
                 else:
                     cache = work / f"cache-{p}"
                     f, c, w, n = loader_epoch(uri, cache, args.batch)
@@ -203,6 +210,8 @@ def main() -> None:
         *table(["case", "samples/s (median)", "MiB/s of shards", "all passes (samples/s)"], [
             ["boto3 GET of every shard (anchor)", f"{med(anchor):,.0f}",
              f"{med(anchor) * mib / samples:,.1f}", ", ".join(f"{x:,.0f}" for x in anchor)],
+            ["boto3 GET + zstd decompress (context)", f"{med(unzipped):,.0f}",
+             f"{med(unzipped) * mib / samples:,.1f}", ", ".join(f"{x:,.0f}" for x in unzipped)],
             ["StreamingTokenLoader, cold cache (from S3)", f"{med(cold):,.0f}",
              f"{med(cold) * mib / samples:,.1f}", ", ".join(f"{x:,.0f}" for x in cold)],
             ["StreamingTokenLoader, second epoch (cached)", f"{med(warm):,.0f}", "-",
