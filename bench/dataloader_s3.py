@@ -226,6 +226,9 @@ def main() -> None:
         f"{1e6 / med(warm):.0f} us per sample even with every shard cached. The loader cost "
         "per training step is batch x that: small next to a step of a real model, and it "
         "runs while the GPU works once num_workers > 0 on a machine with spare cores."),
+        "",
+        ("The cores are shared with whatever else runs (load average in the header), so the "
+         "passes spread widely: compare figures of one run only, never across runs."),
     ]
     write_results(args.out, lines)
     shutil.rmtree(work, ignore_errors=True)
