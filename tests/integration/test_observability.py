@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -107,41 +108,48 @@ def _run_groups(gateway: str, run_id: str) -> list[dict]:
     return [g for g in data if g["labels"].get("run_id") == run_id]
 
 
+FLJOB = Path(sys.executable).parent / "fljob"
+
+
+def _submit(stack: dict, tmp: Path, job: str, run_id: str, steps: int, linger_s: int) -> subprocess.Popen:
+    """Start `fljob submit --backend local` on a tiny spec with file_sd and Pushgateway on."""
+    spec = {
+        "name": job, "run_dir": str(tmp / "run"),
+        "training": {"steps": steps, "local_batch_size": 4, "seq_len": 64, "log_interval": 1},
+        "schedule": {"warmup_steps": 2},
+        "checkpoint": {"uri": str(tmp / "checkpoints"), "interval_steps": 8},
+        "metrics": {"port": METRICS_PORT, "optimizer_interval": 2,
+                    "file_sd_dir": str(stack["targets"]),
+                    "pushgateway": {"url": stack["pushgateway"], "interval_seconds": 0.5}},
+        "env": {"FLJOB_METRICS_LINGER_SECONDS": str(linger_s)},
+    }
+    (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with open(tmp / "submit.log", "w") as out:
+        return subprocess.Popen([str(FLJOB), "submit", "--backend", "local", str(tmp / "spec.yaml")],
+                                env=dict(os.environ, FLJOB_RUN_ID=run_id), stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
 @pytest.fixture(scope="module")
 def observed_run(prometheus_stack, tmp_path_factory) -> ObservedRun:
     """Train the tiny model once with file_sd and Pushgateway on, watching both."""
     tmp = tmp_path_factory.mktemp("run")
-    fljob = Path(sys.executable).parent / "fljob"
     run = ObservedRun(job="obs-e2e", run_id=f"e2e-{os.getpid()}-{int(time.time())}", start=time.time())
-    spec = {
-        "name": run.job, "run_dir": str(tmp / "run"),
-        "training": {"steps": 24, "local_batch_size": 4, "seq_len": 64, "log_interval": 1},
-        "schedule": {"warmup_steps": 2},
-        "checkpoint": {"uri": str(tmp / "checkpoints"), "interval_steps": 8},
-        "metrics": {"port": METRICS_PORT, "optimizer_interval": 2,
-                    "file_sd_dir": str(prometheus_stack["targets"]),
-                    "pushgateway": {"url": prometheus_stack["pushgateway"], "interval_seconds": 0.5}},
-        # Keep /metrics up 3 s after the last step so that 1 s scrapes see the final values.
-        "env": {"FLJOB_METRICS_LINGER_SECONDS": "3"},
-    }
-    (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
     target = prometheus_stack["targets"] / f"{run.job}-{run.run_id}.json"
-    env = dict(os.environ, FLJOB_RUN_ID=run.run_id)
-    with open(tmp / "submit.log", "w") as out:
-        proc = subprocess.Popen([str(fljob), "submit", "--backend", "local", str(tmp / "spec.yaml")],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while proc.poll() is None and time.monotonic() < deadline:
-            if target.exists():
-                run.target_file = json.loads(target.read_text())
-            text = _get_text(f"http://127.0.0.1:{METRICS_PORT}/metrics")
-            if text and "fljob_optimizer_update_ratio{" in text:
-                run.exposition = text
-            run.pushed_groups = _run_groups(prometheus_stack["pushgateway"], run.run_id) or run.pushed_groups
-            time.sleep(0.5)
-        if proc.poll() is None:
-            proc.kill()
-        run.returncode = proc.wait()
+    # Keep /metrics up 3 s after the last step so that 1 s scrapes see the final values.
+    proc = _submit(prometheus_stack, tmp, run.job, run.run_id, steps=16, linger_s=3)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if target.exists():
+            run.target_file = json.loads(target.read_text())
+        text = _get_text(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+        if text and "fljob_optimizer_update_ratio{" in text:
+            run.exposition = text
+        run.pushed_groups = _run_groups(prometheus_stack["pushgateway"], run.run_id) or run.pushed_groups
+        time.sleep(0.5)
+    if proc.poll() is None:
+        proc.kill()
+    run.returncode = proc.wait()
     run.end = time.time()
     run.log = (tmp / "submit.log").read_text()
     run.target_left = target.exists()
@@ -190,7 +198,7 @@ def test_prometheus_scraped_the_run_through_file_sd(prometheus_stack, observed_r
     assert result and max(_finite_values(result)) == 1.0
     steps = _query_range(prometheus_stack["prometheus"],
                          f'fljob_step{{run_id="{observed_run.run_id}"}}', observed_run)
-    assert max(_finite_values(steps)) == 24  # the last step was scraped (the linger)
+    assert max(_finite_values(steps)) == 16  # the last step was scraped (the linger)
 
 
 def test_every_dashboard_query_returns_data(prometheus_stack, observed_run):
@@ -207,3 +215,24 @@ def test_every_dashboard_query_returns_data(prometheus_stack, observed_run):
                 answered[f"{panel['title']} [{target['refId']}]"] = values[-1]
     sys.stderr.write("\n" + "\n".join(f"  {k}: {v:.6g}" for k, v in answered.items()) + "\n")
     assert not empty, "panels without data:\n" + "\n".join(empty)
+
+
+def test_a_cancelled_run_removes_its_target_and_group(prometheus_stack, tmp_path):
+    """`fljob cancel` sends SIGTERM: the run checkpoints, exits 75 (requeue) and cleans up."""
+    job, run_id = "obs-term", f"term-{os.getpid()}-{int(time.time())}"
+    target = prometheus_stack["targets"] / f"{job}-{run_id}.json"
+    proc = _submit(prometheus_stack, tmp_path, job, run_id, steps=10_000, linger_s=0)
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        step = re.search(r"^fljob_step\{.*\} (\S+)$", _get_text(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+                         or "", re.MULTILINE)
+        pushed = _run_groups(prometheus_stack["pushgateway"], run_id)
+        if target.exists() and pushed and step and float(step.group(1)) >= 3:
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, "the run ended before it was signalled:\n" + \
+        (tmp_path / "submit.log").read_text()[-3000:]
+    subprocess.run([str(FLJOB), "cancel", f"local://{tmp_path / 'run'}"], check=True, timeout=30)
+    assert proc.wait(timeout=120) == 75, (tmp_path / "submit.log").read_text()[-3000:]
+    assert not target.exists()
+    assert _run_groups(prometheus_stack["pushgateway"], run_id) == []
