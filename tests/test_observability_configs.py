@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fljob.backends.kubernetes_render import objects
 from fljob.cli import main
 from fljob.observability import alerts, dashboards, series
+from fljob.observability.series import JOB_ENV, RUN_ID_ENV
+from fljob.spec.models import JobSpec
 
 REPO = Path(__file__).resolve().parents[1]
 GRAFANA = REPO / "configs" / "grafana"
@@ -162,3 +165,24 @@ def test_promtool_checks_the_alert_rules_and_their_unit_tests():
         proc = subprocess.run(["promtool", *args], cwd=PROM, capture_output=True, text=True,
                               timeout=120, check=False)
         assert proc.returncode == 0, f"promtool {' '.join(args)}:\n{proc.stdout}{proc.stderr}"
+
+
+def test_kubernetes_pod_monitor_scrapes_the_exporter_with_the_selected_release_label():
+    """The contract between the renderer and the exporter: kube-prometheus-stack selects the
+    PodMonitor by its `release` label, which scrapes the master's port that rank 0 serves,
+    keeping the job/run_id labels the exporter reads from the pod's environment."""
+    spec = JobSpec.model_validate({
+        "name": "demo", "image": "registry.example/fljob:1", "metrics": {"port": 19463},
+        "kubernetes": {"pod_monitor": {"labels": {"release": "monitoring"}}}})
+    by_kind = {o["kind"]: o for o in objects(spec)}
+    monitor = by_kind["PodMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "monitoring"
+    master = by_kind["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= master["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics" and endpoint["honorLabels"] is True
+    container = master["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[endpoint["port"]] == spec.metrics.port
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env[JOB_ENV] == "demo" and env[RUN_ID_ENV]

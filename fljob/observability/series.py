@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 RUN_LABELS = ("job", "run_id")
+JOB_ENV, RUN_ID_ENV = "FLJOB_JOB_NAME", "FLJOB_RUN_ID"
+"""Where the exporter reads the values of :data:`RUN_LABELS` (every backend's run script sets them)."""
 GROUP_LABEL = "group"
 
 Kind = Literal["gauge", "counter", "histogram"]

@@ -33,14 +33,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from torchtitan.components.metrics import BaseLogger
 
 from fljob.observability import series
-from fljob.observability.series import Series
+from fljob.observability.series import JOB_ENV, RUN_ID_ENV, Series
 from fljob.spec.models import JobSpec
 from fljob.trainer.metrics import scrape_target
 from fljob.trainer.metrics.pushgateway import Pusher
 
 log = logging.getLogger(__name__)
 
-JOB_ENV, RUN_ID_ENV = "FLJOB_JOB_NAME", "FLJOB_RUN_ID"
 LINGER_ENV = "FLJOB_METRICS_LINGER_SECONDS"
 
 _ACTIVE: PrometheusLogger | None = None
