@@ -67,6 +67,7 @@ class FljobCheckpointManager(CheckpointManager):
             self.pg = dist.new_group(backend="gloo")
         self.pending_step: int | None = None
         self.async_error: str | None = None
+        self.committed_bytes = 0  # shard bytes of the newest commit (rank 0), for metrics
         self.async_committed = threading.Event()
 
     # ------------------------------------------------------------------ DCP seams
@@ -130,8 +131,10 @@ class FljobCheckpointManager(CheckpointManager):
         """Rank 0: manifest, marker, ``latest``, retention. The error line, or None."""
         try:
             self.store.write_object(f"{step_name(step)}/{MANIFEST}", _json(manifest))
-            self.store.commit(step, {"time": manifest["time"], "world_size": self.world_size,
-                                     "tokens_seen": manifest["tokens_seen"]})
+            marker = self.store.commit(step, {"time": manifest["time"],
+                                              "world_size": self.world_size,
+                                              "tokens_seen": manifest["tokens_seen"]})
+            self.committed_bytes = int(marker["bytes"])
         except Exception as exc:  # noqa: BLE001  (botocore, aiohttp, OSError...: all one line)
             return describe_error(exc, self.store.secrets)
         try:
@@ -156,9 +159,8 @@ class FljobCheckpointManager(CheckpointManager):
             self.committed_step = step
             seconds = time.monotonic() - begin
             logger.info(f"Committed {self.store.step_uri(step)} in {seconds:.2f} s")
-            if self.rank == 0:  # the exporter's rank; the marker holds the shards' size
-                marker = self.store.commit_record(step) or {}
-                record_checkpoint(step, seconds, int(marker.get("bytes", 0)), time.time())
+            if self.rank == 0:  # the exporter's rank; no storage round trip: it may be down now
+                record_checkpoint(step, seconds, self.committed_bytes, time.time())
             return
         previous = step_name(self.committed_step) if self.committed_step is not None else "none"
         line = (f"checkpoint {self.store.step_uri(step)} was not committed ({error}); "

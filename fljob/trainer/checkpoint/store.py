@@ -186,9 +186,9 @@ class CheckpointStore:
     def committed_steps(self) -> list[int]:
         return [s for s in self.steps() if self.is_committed(s)]
 
-    def commit(self, step: int, record: Mapping[str, Any]) -> None:
-        """Mark ``step`` complete, then point ``latest`` at it. DCP's ``.metadata`` (written
-        after every rank's shards were gathered) must already be there."""
+    def commit(self, step: int, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Mark ``step`` complete, then point ``latest`` at it; returns the marker's content.
+        DCP's ``.metadata`` (written after every rank's shards were gathered) must be there."""
         files = self.files(step)
         if DCP_METADATA not in files:
             raise FileNotFoundError(f"{self.step_uri(step)}/{DCP_METADATA} is missing: the DCP save "
@@ -198,6 +198,7 @@ class CheckpointStore:
         self.write_object(f"{step_name(step)}/{COMMIT_MARKER}",
                           json.dumps(body, indent=1, sort_keys=True).encode())
         self.write_object(LATEST, (step_name(step) + "\n").encode())
+        return body
 
     def latest_step(self) -> int | None:
         """The step to resume from: ``latest`` when it names a committed step, else the newest
