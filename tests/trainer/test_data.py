@@ -7,13 +7,14 @@ import pytest
 
 pytest.importorskip("torchtitan")
 
-from fljob.spec.models import JobSpec  # noqa: E402
-from fljob.trainer.data.builder import build_dataloader, build_tokenizer  # noqa: E402
-from fljob.trainer.data.loader import TokenWindowLoader  # noqa: E402
-from fljob.trainer.data.prepare import prepare_bundled_text, tokens_path  # noqa: E402
-from fljob.trainer.data.text import bundled_documents  # noqa: E402
-from fljob.trainer.data.token_file import open_tokens, read_info  # noqa: E402
-from fljob.trainer.data.tokenizer import EOS_TOKEN, train_bpe  # noqa: E402
+from fljob.errors import UsageError
+from fljob.spec.models import JobSpec
+from fljob.trainer.data.builder import build_dataloader, build_tokenizer
+from fljob.trainer.data.loader import TokenWindowLoader
+from fljob.trainer.data.prepare import prepare_bundled_text, tokens_path
+from fljob.trainer.data.text import bundled_documents
+from fljob.trainer.data.token_file import open_tokens, read_info
+from fljob.trainer.data.tokenizer import EOS_TOKEN, train_bpe
 
 VOCAB = 512  # small, so that BPE training stays well under a second
 
@@ -68,7 +69,7 @@ def loader(tokens: np.ndarray, rank: int, world: int, **kw: int) -> TokenWindowL
     return TokenWindowLoader(tokens, dp_rank=rank, dp_world=world, **args)
 
 
-def take(it, n: int) -> list:  # noqa: ANN001
+def take(it, n: int) -> list:
     return [next(it) for _ in range(n)]
 
 
@@ -125,12 +126,13 @@ def test_too_little_data_is_an_error() -> None:
         loader(np.arange(100, dtype=np.uint16), 0, 4)
 
 
-def test_builder_uses_the_prepared_file_and_refuses_streams(prepared: JobSpec) -> None:
+def test_builder_uses_the_prepared_file_or_refuses_an_unprepared_stream(
+        prepared: JobSpec, tmp_path) -> None:
     tokenizer = build_tokenizer(prepared)
     dl = build_dataloader(prepared, 0, 1, tokenizer)
-    (inputs, labels), = take(iter(dl), 1)
+    (inputs, _labels), = take(iter(dl), 1)
     assert inputs["input"].shape == (4, 32)
-    streaming = prepared.model_copy(update={"data": prepared.data.model_copy(
-        update={"streams": [{"uri": "s3://bucket/mds"}]})})
-    with pytest.raises(NotImplementedError):
+    streaming = JobSpec.model_validate({**prepared.model_dump(),
+                                        "data": {"streams": [{"uri": str(tmp_path)}]}})
+    with pytest.raises(UsageError, match="fljob data prepare"):  # streams: tests/trainer/test_streaming.py
         build_dataloader(streaming, 0, 1, tokenizer)
