@@ -200,7 +200,8 @@ class MuPTransformer(nn.Module):
         h = self.tok_embeddings(tokens)
         if self.embedding_norm is not None:
             h = self.embedding_norm(h)
-        h = h * self.input_mult
+        if self.input_mult != 1.0:  # the default; outside the compiled blocks a x1 is a pass
+            h = h * self.input_mult
         for block in self.layers.values():
             h = block(h, self.rope_cos, self.rope_sin)
         # The logit multiplier is applied before the (linear) projection: the same
