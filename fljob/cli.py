@@ -33,6 +33,7 @@ examples:
   fljob submit --backend slurm spec.yaml --set training.steps=100
   fljob status slurm://1234 ; fljob logs -f slurm://1234 ; fljob cancel slurm://1234
   fljob schema > fljob.schema.json                  JSON Schema for your editor
+  fljob dashboard -o grafana/                       Grafana dashboard JSON, ConfigMap, provisioning
   fljob data prepare builtin:pydoc s3://bucket/pydoc   tokenized MDS shards to train from
 
 exit codes: 0 ok, 1 failure, 2 bad input (the message says which field and how to fix it),

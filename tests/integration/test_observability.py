@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fljob.exitcodes import REQUEUE
 from fljob.observability import dashboards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -233,6 +234,6 @@ def test_a_cancelled_run_removes_its_target_and_group(prometheus_stack, tmp_path
     assert proc.poll() is None, "the run ended before it was signalled:\n" + \
         (tmp_path / "submit.log").read_text()[-3000:]
     subprocess.run([str(FLJOB), "cancel", f"local://{tmp_path / 'run'}"], check=True, timeout=30)
-    assert proc.wait(timeout=120) == 75, (tmp_path / "submit.log").read_text()[-3000:]
+    assert proc.wait(timeout=120) == REQUEUE, (tmp_path / "submit.log").read_text()[-3000:]
     assert not target.exists()
     assert _run_groups(prometheus_stack["pushgateway"], run_id) == []
