@@ -24,9 +24,25 @@ from fljob.spec import JobSpec
 
 Status = Literal["PASS", "FAIL", "SKIP"]
 TOOL_TIMEOUT_S = 15.0
-# The Kubeflow API version the Kubernetes renderer writes (kind PyTorchJob).
-PYTORCHJOB_CRD = "pytorchjobs.kubeflow.org"
-PYTORCHJOB_VERSION = "v1"
+
+
+@dataclass(frozen=True)
+class RequiredCrd:
+    """A CustomResourceDefinition the Kubernetes renderer writes objects of, and how to get it."""
+
+    name: str
+    version: str
+    install: str
+
+
+PYTORCHJOB_CRD = RequiredCrd(
+    "pytorchjobs.kubeflow.org", "v1",
+    "install the Kubeflow training operator v1 (kubectl apply --server-side -k "
+    "'github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref=v1.9.4')")
+PODMONITOR_CRD = RequiredCrd(
+    "podmonitors.monitoring.coreos.com", "v1",
+    "install the Prometheus operator (e.g. the kube-prometheus-stack chart), or set "
+    "kubernetes.pod_monitor.enabled: false")
 
 # tool -> how to get it; printed as the fix when the tool is missing.
 TOOL_FIXES = {
@@ -180,32 +196,36 @@ def slurm_checks(spec: JobSpec | None) -> Iterator[Check]:
 # --------------------------------------------------------------------------- Kubernetes
 
 
+def check_crd(crd: RequiredCrd) -> Check:
+    name = f"CRD {crd.name}"
+    proc = _run(["kubectl", "get", "crd", crd.name, "-o", "json"])
+    if proc is None or proc.returncode != 0:
+        return Check("FAIL", name, "not installed in the cluster", crd.install)
+    versions = json.loads(proc.stdout).get("spec", {}).get("versions", [])
+    served = sorted(v["name"] for v in versions if v.get("served"))
+    if crd.version not in served:
+        return Check("FAIL", name, f"served versions {served or 'none'}; fljob renders {crd.version}",
+                     crd.install)
+    return Check("PASS", name, f"served versions: {', '.join(served)}")
+
+
 def kubernetes_checks(spec: JobSpec | None) -> Iterator[Check]:
+    crds = [PYTORCHJOB_CRD]
+    if spec is not None and spec.kubernetes.pod_monitor.enabled:
+        crds.append(PODMONITOR_CRD)
     tools = check_tools(("kubectl",), "kubectl")
     yield tools
-    name = f"Kubeflow CRD {PYTORCHJOB_CRD}"
     if tools.status != "PASS":
-        yield Check("SKIP", name, "kubectl is missing")
+        yield from (Check("SKIP", f"CRD {crd.name}", "kubectl is missing") for crd in crds)
         return
     probe = _run(["kubectl", "version", "-o", "json", f"--request-timeout={int(TOOL_TIMEOUT_S)}s"])
     if probe is None or probe.returncode != 0 or '"serverVersion"' not in probe.stdout:
         why = "timed out" if probe is None else _first_line(probe.stderr)
-        yield Check("SKIP", name, f"no cluster reachable ({why}); run doctor where kubectl reaches it")
+        yield from (Check("SKIP", f"CRD {crd.name}",
+                          f"no cluster reachable ({why}); run doctor where kubectl reaches it")
+                    for crd in crds)
         return
-    proc = _run(["kubectl", "get", "crd", PYTORCHJOB_CRD, "-o", "json"])
-    if proc is None or proc.returncode != 0:
-        yield Check("FAIL", name, "not installed in the cluster",
-                    "install the Kubeflow training operator v1 "
-                    "(kubectl apply -k 'github.com/kubeflow/training-operator.git/manifests/overlays/"
-                    "standalone?ref=v1.9.4')")
-        return
-    versions = json.loads(proc.stdout).get("spec", {}).get("versions", [])
-    served = sorted(v["name"] for v in versions if v.get("served"))
-    if PYTORCHJOB_VERSION not in served:
-        yield Check("FAIL", name, f"served versions {served or 'none'}; fljob renders {PYTORCHJOB_VERSION}",
-                    "install a training operator that serves kubeflow.org/v1 PyTorchJob (v1.7 to v1.9)")
-        return
-    yield Check("PASS", name, f"served versions: {', '.join(served)}")
+    yield from (check_crd(crd) for crd in crds)
 
 
 # --------------------------------------------------------------------------- storage
@@ -281,7 +301,7 @@ def run_checks(spec: JobSpec | None, backend: str) -> Iterator[Check]:
 def main(spec: JobSpec | None, backend: str = "local") -> int:
     """Print every check as it completes; 1 when any failed."""
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
-    width = 28
+    width = 36
     for check in run_checks(spec, backend):
         counts[check.status] += 1
         print(f"{check.status}  {check.name:<{width}} {check.detail}", flush=True)

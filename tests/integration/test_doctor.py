@@ -130,7 +130,8 @@ def test_missing_kubectl_fails_and_skips_the_crd_check(bare_path_env, tmp_path):
     proc = doctor(bare_path_env, tmp_path, spec, "--backend", "k8s")
     assert proc.returncode == 1
     assert "install kubectl" in line(proc.stdout, "FAIL", "kubectl")
-    assert "kubectl is missing" in line(proc.stdout, "SKIP", "Kubeflow CRD")
+    assert "kubectl is missing" in line(proc.stdout, "SKIP", "CRD pytorchjobs.kubeflow.org")
+    assert "kubectl is missing" in line(proc.stdout, "SKIP", "CRD podmonitors.monitoring.coreos.com")
 
 
 def test_kubectl_without_a_cluster_skips_the_crd_check(tmp_path):
@@ -150,7 +151,7 @@ current-context: none
     proc = doctor(env, tmp_path, "name: doctor\nimage: registry.example/fljob:1\n", "--backend", "k8s")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS  kubectl" in proc.stdout
-    assert "no cluster reachable" in line(proc.stdout, "SKIP", "Kubeflow CRD")
+    assert "no cluster reachable" in line(proc.stdout, "SKIP", "CRD pytorchjobs.kubeflow.org")
 
 
 # --------------------------------------------------------------------------- S3
@@ -230,3 +231,36 @@ def test_unreachable_endpoint_fails(s3_server, s3_env, tmp_path):
     assert proc.returncode == 1
     assert "cannot reach the S3 endpoint" in line(proc.stdout, "FAIL", f"S3 bucket {s3_server.bucket}")
     assert_no_secret(proc, s3_server)
+
+
+OFFICIAL_CRDS = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "kubeflow"
+
+
+def test_crd_versions_read_from_the_cluster(tmp_path):
+    """No API server exists here: a stand-in kubectl answers `version` and `get crd` with the
+    official PyTorchJob CRD (training-operator v1.9.4); the PodMonitor CRD is not installed."""
+    crd_file = OFFICIAL_CRDS / "kubeflow.org_pytorchjobs.v1.9.4.yaml"
+    if not crd_file.is_file():
+        pytest.skip(f"official CRD missing: {crd_file}")
+    stub = tmp_path / "bin" / "kubectl"
+    stub.parent.mkdir()
+    stub.write_text(f"""#!{sys.executable}
+import json, sys, yaml
+args = sys.argv[1:]
+if args[:1] == ["version"]:
+    print(json.dumps({{"serverVersion": {{"gitVersion": "v1.31.0"}}}}))
+elif args[:3] == ["get", "crd", "pytorchjobs.kubeflow.org"]:
+    print(json.dumps(yaml.safe_load(open({str(crd_file)!r}))))
+else:
+    sys.exit('Error from server (NotFound): customresourcedefinitions "' + args[2] + '" not found')
+""")
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = doctor(env, tmp_path, "name: doctor\nimage: registry.example/fljob:1\n", "--backend", "k8s")
+    assert proc.returncode == 1
+    assert "served versions: v1" in line(proc.stdout, "PASS", "CRD pytorchjobs.kubeflow.org")
+    podmonitor = line(proc.stdout, "FAIL", "CRD podmonitors.monitoring.coreos.com")
+    assert "not installed" in podmonitor and "kubernetes.pod_monitor.enabled: false" in podmonitor
+    off = doctor(env, tmp_path, "name: doctor\nimage: registry.example/fljob:1\n"
+                 "kubernetes: {pod_monitor: {enabled: false}}\n", "--backend", "k8s")
+    assert off.returncode == 0 and "podmonitors" not in off.stdout
