@@ -89,6 +89,14 @@ def test_more_nodes_than_the_partition_has_fails(short_partition, tmp_path):
     assert "fix: set resources.nodes to at most 1" in line(proc.stdout, "FAIL", "partition nodes")
 
 
+def test_no_partition_checks_the_clusters_default(short_partition, tmp_path):
+    spec = "name: doctor\nslurm: {time: '2-00:00:00'}\n"
+    proc = doctor(short_partition, tmp_path, spec, "--backend", "slurm")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "partition debug answered" in line(proc.stdout, "PASS", "slurm controller")
+    assert "within MaxTime UNLIMITED" in line(proc.stdout, "PASS", "partition time limit")
+
+
 def test_unknown_partition_names_the_existing_ones(short_partition, tmp_path):
     proc = doctor(short_partition, tmp_path, slurm_spec(partition="nosuch"), "--backend", "slurm")
     assert proc.returncode == 1
