@@ -32,49 +32,24 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import REPO, RESULTS, header, table, write_results
+from bench.common import RESULTS, header, table, write_results
+from bench.s3_server import s3_server, swift_version
 from fljob.storage import s3_client, split_s3
 from fljob.trainer.data.mds_prepare import PrepareConfig, prepare_mds
 from fljob.trainer.data.streaming import StreamingTokenLoader, StreamSource
 from fljob.trainer.data.text import bundled_documents
 
-S3_SH = REPO / "tests" / "infra" / "s3.sh"
-OWN_PORTS = {"FLJOB_S3_PORT": 18595, "FLJOB_S3_ACCOUNT_PORT": 18596,
-             "FLJOB_S3_CONTAINER_PORT": 18597, "FLJOB_S3_OBJECT_PORT": 18598,
-             "FLJOB_S3_MEMCACHED_PORT": 18599}
 BUCKET = "fljob-bench"
-
-
-@contextmanager
-def s3_server():
-    """The exported server, or a throw-away one from tests/infra/s3.sh (stopped by PID)."""
-    if os.environ.get("S3_ENDPOINT_URL"):
-        yield "exported by tests/infra/s3.sh env"
-        return
-    folder = tempfile.mkdtemp(prefix="fljob-s3-bench-")
-    env = {**os.environ, **{k: str(v) for k, v in OWN_PORTS.items()}, "FLJOB_S3_DIR": folder}
-    subprocess.run(["bash", str(S3_SH), "start"], env=env, check=True, capture_output=True)
-    try:
-        exported = subprocess.run(["bash", str(S3_SH), "env"], env=env, check=True,
-                                  capture_output=True, text=True).stdout
-        for line in exported.splitlines():
-            name, _, value = line.removeprefix("export ").partition("=")
-            os.environ[name] = value
-        yield f"started by this script (tests/infra/s3.sh, port {OWN_PORTS['FLJOB_S3_PORT']})"
-    finally:
-        subprocess.run(["bash", str(S3_SH), "clean"], env=env, check=False, capture_output=True)
 
 
 def write_corpus(path: Path, copies: int) -> int:
@@ -194,7 +169,7 @@ def main() -> None:
     mib = shard_bytes / 2**20
     lines = header("Streaming dataloader from S3 vs a plain boto3 download", torch.device("cpu"))
     lines += [
-        f"- S3 server: OpenStack Swift with the S3 API, {server}; {_swift_version()}",
+        f"- S3 server: OpenStack Swift with the S3 API, {server}; {swift_version()}",
         (f"- other versions: mosaicml-streaming {_version('mosaicml-streaming')}, boto3 "
         f"{_version('boto3')}, tokenizers {_version('tokenizers')}"),
         (f"- dataset: bundled corpus x {args.copies} ({text_bytes / 2**20:.1f} MiB of JSONL), "
@@ -238,12 +213,6 @@ def _version(dist: str) -> str:
     from importlib.metadata import version
 
     return version(dist)
-
-
-def _swift_version() -> str:
-    result = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "swift-proxy"],
-                            capture_output=True, text=True, check=False)
-    return f"swift-proxy {result.stdout.strip() or 'unknown'} (Debian)"
 
 
 if __name__ == "__main__":
