@@ -314,3 +314,34 @@ def test_fljob_train_refuses_a_stream_of_another_seq_len(tmp_path: Path) -> None
     result = fljob("train", str(_stream_spec(tmp_path, str(dest), seq_len=2 * SEQ)))
     assert result.returncode == 2
     assert f"seq_len {SEQ}" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_continues_the_stream_bitwise(tmp_path: Path) -> None:
+    """2 data-parallel ranks: 6 steps in one go == 3 steps, stop, resume for 3 more.
+
+    The learning rate is constant (a decay of 1% of the steps rounds to none), so only the
+    restored model, optimizer and sample position can make steps 4-6 equal.
+    """
+    dest = _prepare(tmp_path, "alpha", docs=40)
+
+    def run(run_dir: Path, steps: int) -> list[tuple[int, float]]:
+        spec = tmp_path / f"{run_dir.name}.yaml"
+        spec.write_text(json.dumps({
+            "name": "stream-resume", "run_dir": str(run_dir),
+            "resources": {"procs_per_node": 2},
+            "training": {"steps": steps, "local_batch_size": 2, "seq_len": SEQ},
+            "schedule": {"decay_ratio": 0.01},
+            "data": {"streams": [{"uri": str(dest)}]},
+            "metrics": {"enabled": False, "port": _free_port()},
+        }))
+        result = fljob("submit", "--backend", "local", str(spec))
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, rows)]
+
+    straight = run(tmp_path / "straight", 6)
+    run(tmp_path / "stopped", 3)
+    stopped_and_resumed = run(tmp_path / "stopped", 6)  # the metrics file is appended to
+    assert [step for step, _ in stopped_and_resumed] == [1, 2, 3, 4, 5, 6]  # resumed at 4
+    assert stopped_and_resumed == straight
