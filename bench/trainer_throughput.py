@@ -13,7 +13,8 @@ length, random tokens. Variants per flavor:
 * ``muP + ADOPT fused`` / ``muP + ADOPT foreach`` -- what fljob trains with.
 
 Throughput is timed over blocks of steps with CUDA events after warm-up (compilation
-included there), host synchronised only at block ends. MFU uses torchtitan's FLOP count
+included there), host synchronised only at block ends, automatic garbage collection off
+(as in torchtitan's trainer). MFU uses torchtitan's FLOP count
 (``get_dense_model_nparams_and_flops``: 6 x non-embedding parameters + 12 x layers x
 heads x head_dim x seq_len per token, causal attention counted in full) over the H100's
 989 TFLOP/s dense bf16 peak, the same count for both models.
@@ -184,6 +185,9 @@ def measure(variant: Variant, flavor: str, seq_len: int, batch: int, device: tor
         args, model, 2 * (args.dim // args.n_heads), seq_len)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # As torchtitan's trainer does: no automatic garbage collection inside the loop.
+    gc.collect()
+    gc.disable()
     for _ in range(warmup):
         step()
     block_ms = []
@@ -204,6 +208,7 @@ def measure(variant: Variant, flavor: str, seq_len: int, batch: int, device: tor
             for _ in range(steps):
                 step()
             block_ms.append((time.perf_counter() - t0) * 1e3 / steps)
+    gc.enable()
     step_ms = median(block_ms)
     tokens_per_s = batch * seq_len / (step_ms / 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0

@@ -471,9 +471,24 @@ FUSED_CASES = [case for case in CASES if CASES[case][0] != "adamw"]  # torch's o
 
 
 @pytest.fixture
-def triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+def triton_interpreter():
+    """The fused kernel, re-decorated for Triton's CPU interpreter (triton.jit reads the
+    variable when the module is imported), and back afterwards."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import importlib
+    import os
+
+    from fljob.trainer.optim import fused
+
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    importlib.reload(fused)
+    yield
+    if previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+    importlib.reload(fused)
 
 
 @pytest.mark.parametrize("case", FUSED_CASES)
@@ -519,3 +534,27 @@ def test_fused_needs_cuda_and_excludes_foreach() -> None:
         QHAdamW([p], fused=True)
     with pytest.raises(ValueError, match="foreach and fused"):
         ADOPT([p], foreach=True, fused=True)
+
+
+@pytest.mark.parametrize("name", ["qhadamw", "qhadopt"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_fused_full_and_partial_blocks(name: str, offset: int, triton_interpreter) -> None:
+    """Tensors longer than a block (unmasked full blocks, then a masked tail) and, with
+    offset 1, a parameter 4 bytes off the allocator's alignment, all in one launch."""
+    from fljob.trainer.optim import fused
+
+    sizes = [fused.BLOCK_SIZE * 2 + 5, fused.BLOCK_SIZE, 3]
+    results = []
+    for impl in ("foreach", "fused"):
+        gen = torch.Generator().manual_seed(0)
+        storage = torch.randn(sum(sizes) + offset, generator=gen)
+        params = [torch.nn.Parameter(p) for p in storage[offset:].split(sizes)]
+        opt = build_optimizer(name, params, lr=0.01, weight_decay=0.1, foreach=impl == "foreach",
+                              fused=impl == "fused")
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results.append(params)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
