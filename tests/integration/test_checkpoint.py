@@ -117,11 +117,12 @@ class Where:
 
 
 def write_spec(tmp_path: Path, where: Where, name: str, *, steps: int, interval: int,
-               keep: int = 2) -> Path:
+               keep: int = 2, procs: int = 1) -> Path:
     run_dir = tmp_path / name
     spec = {
         "name": name,
         "run_dir": str(run_dir),
+        "resources": {"procs_per_node": procs},
         "model": {"flavor": "tiny", "mup": True},
         "optimizer": {"name": "adopt", "lr": 3e-3},
         "schedule": {"warmup_steps": 3},
@@ -136,15 +137,18 @@ def write_spec(tmp_path: Path, where: Where, name: str, *, steps: int, interval:
 
 
 class Run:
-    """One `fljob train` subprocess, its output in a file (a full pipe would stall it)."""
+    """One `fljob train` subprocess (under `fljob launch` for several ranks, which forwards
+    signals to them), its output in a file (a full pipe would stall it)."""
 
-    def __init__(self, spec: Path, where: Where, *overrides: str) -> None:
+    def __init__(self, spec: Path, where: Where, *overrides: str, procs: int = 1) -> None:
         self.spec, self.where = spec, where
         self.log = spec.with_suffix(f".{time.monotonic_ns()}.log")
         sets = [a for o in overrides for a in ("--set", o)]
+        launch = ["launch", "--standalone", "--nnodes=1", f"--nproc-per-node={procs}", "--"]
         self._out = open(self.log, "w")  # noqa: SIM115  (closed in wait())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fljob.cli", "train", str(spec), *sets], cwd=spec.parent,
+            [sys.executable, "-m", "fljob.cli", *(launch if procs > 1 else []), "train", str(spec),
+             *sets], cwd=spec.parent,
             env=where.env(), stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
@@ -187,8 +191,8 @@ class Run:
         self.wait()
 
 
-def train(spec: Path, where: Where, *overrides: str, expect: int = OK) -> str:
-    run = Run(spec, where, *overrides)
+def train(spec: Path, where: Where, *overrides: str, expect: int = OK, procs: int = 1) -> str:
+    run = Run(spec, where, *overrides, procs=procs)
     code = run.wait()
     assert code == expect, f"exit {code}, expected {expect}:\n{run.output[-3000:]}"
     return run.output
@@ -234,14 +238,24 @@ SIGNAL_AFTER = 12  # N: the signal is sent once this many steps are logged
 
 def test_preempted_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path: Path,
                                                                         where: Where) -> None:
+    check_exact_resume(tmp_path, where, procs=1)
+
+
+def test_two_ranks_preempted_and_resumed_match_bitwise(tmp_path: Path, on_s3: Where) -> None:
+    """FSDP over 2 ranks: each rank writes its own shards; rank 0 commits after DCP has
+    gathered both, and tells rank 1 (every rank must agree on what is committed)."""
+    check_exact_resume(tmp_path, on_s3, procs=2)
+
+
+def check_exact_resume(tmp_path: Path, where: Where, procs: int) -> None:
     elsewhere = Where(tmp_path / "straight", where.server)
-    straight = write_spec(tmp_path, elsewhere, "straight", steps=TOTAL, interval=10)
-    train(straight, elsewhere)
+    straight = write_spec(tmp_path, elsewhere, "straight", steps=TOTAL, interval=10, procs=procs)
+    train(straight, elsewhere, procs=procs)
     reference = records(straight)
     assert [r["step"] for r in reference] == list(range(1, TOTAL + 1))
 
-    resumed = write_spec(tmp_path, where, "resumed", steps=TOTAL, interval=10)
-    run = Run(resumed, where)
+    resumed = write_spec(tmp_path, where, "resumed", steps=TOTAL, interval=10, procs=procs)
+    run = Run(resumed, where, procs=procs)
     run.wait_for(rf"step {SIGNAL_AFTER}/{TOTAL} ")
     run.proc.send_signal(signal.SIGUSR2)  # what SLURM sends before the time limit
     assert run.wait() == REQUEUE, run.output[-3000:]
@@ -250,7 +264,7 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path
     assert SIGNAL_AFTER <= stop < TOTAL, "the run ended before the signal could stop it"
     assert where.latest() == f"step-{stop}" and where.committed(stop)
 
-    second = train(resumed, where)
+    second = train(resumed, where, procs=procs)
     assert f"Training starts at step {stop + 1}" in second
     assert re.search(rf"Loading \S+/step-{stop}\b", second)
     got = records(resumed)
@@ -258,12 +272,14 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path
     for mine, theirs in zip(got, reference, strict=True):
         assert (mine["loss"], mine["grad_norm"], mine["tokens_seen"]) == (
             theirs["loss"], theirs["grad_norm"], theirs["tokens_seen"]), f"step {mine['step']}"
-    # keep_latest 2: the newest two commits stay, the preemption step among the dropped.
+    # keep_latest 2: of the commits (every 10 steps, and the preemption's), the newest two stay.
     assert where.latest() == f"step-{TOTAL}"
-    assert where.step_names() == ["step-20", "step-30"]
+    assert where.step_names() == [f"step-{s}" for s in sorted({10, 20, stop, TOTAL})[-2:]]
 
     manifest = json.loads(where.read(f"step-{TOTAL}/manifest.json"))
-    assert manifest["step"] == TOTAL and manifest["world_size"] == 1
+    assert manifest["step"] == TOTAL and manifest["world_size"] == procs
+    marker = json.loads(where.read(f"step-{TOTAL}/COMMITTED"))
+    assert marker["world_size"] == procs and marker["files"] >= procs
     assert manifest["tokens_seen"] == reference[-1]["tokens_seen"]
     assert {"fljob", "torch", "torchtitan", "python"} <= {k for k, v in manifest["versions"].items() if v}
     assert f"uri: {where.uri}" in manifest["spec"]

@@ -150,13 +150,14 @@ class CheckpointStore:
         self.fs.invalidate_cache()
 
     def steps(self) -> list[int]:
-        """Every ``step-<N>`` prefix present, committed or not, ascending."""
+        """Every ``step-<N>`` folder (prefix) present, committed or not, ascending."""
         self.refresh()
         try:
-            entries = self.fs.ls(self.root, detail=False)
+            entries = self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
             return []
-        found = (_STEP_NAME.match(os.path.basename(e.rstrip("/"))) for e in entries)
+        found = (_STEP_NAME.match(os.path.basename(e["name"].rstrip("/")))
+                 for e in entries if e.get("type") == "directory")
         return sorted(int(m.group(1)) for m in found if m)
 
     def files(self, step: int) -> dict[str, int]:
