@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_parser(sub)
     _add_dashboard_parser(sub)
+    _add_mup_parser(sub)
     return parser
 
 
@@ -165,6 +166,61 @@ def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, default=Path("."),
                    help="folder to write into (created if missing; default: the current folder)")
     p.add_argument("--namespace", help="namespace of the ConfigMap (default: none, kubectl's current)")
+
+
+MUP_COORD_CHECK_EPILOG = """\
+what it does: builds the spec's model (default: the tiny flavor) at every --widths, in muP
+and in the standard parametrisation (SP, model.mup: false), with the same base learning rate;
+trains each --steps steps of the spec's optimizer on the bundled text; and records, in every
+forward pass, the mean |activation| of the token embedding, each block's attention output,
+FFN output and block output (residual stream), the final norm, and the logits.
+
+how to read the plot: top row muP, bottom row SP; one column per layer (block layers averaged
+over blocks); x = width, y = mean |activation|, both log2; one line per step (dark = init,
+bright = last step). muP works when the lines are flat: a layer's activations have the same
+size at every width, so hyperparameters tuned at the base width carry over. In SP the
+attention/FFN outputs and the logits rise with width, more with every step, because each
+update adds lr x width to them. Each panel's "slope" is the log-log slope after the last
+step: 0 is flat, 1 is proportional to width. Narrow widths can sit a little lower or higher
+than the rest (finite-width noise); a slope that grows with the steps is a muP bug.
+The numbers behind the plot go to a .json beside the PNG.
+
+examples:
+  fljob mup coord-check                                   tiny flavor, widths 64..1024
+  fljob mup coord-check --spec configs/local.yaml --optimizer adopt -o adopt.png
+  fljob mup coord-check --widths 128,256,512 --steps 10
+"""
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(sorted({int(w) for w in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of widths") from None
+    if len(widths) < 2 or widths[0] <= 0:
+        raise argparse.ArgumentTypeError("give at least two positive widths, e.g. 64,128,256")
+    return widths
+
+
+def _add_mup_parser(sub: argparse._SubParsersAction) -> None:
+    mup = sub.add_parser("mup", help="muP tools: the coordinate check")
+    mup_sub = mup.add_subparsers(dest="mup_command", required=True, metavar="SUBCOMMAND")
+    p = mup_sub.add_parser(
+        "coord-check", help="plot activation size against width, muP beside SP (a muP self-test)",
+        description="Train the model a few steps at several widths, in muP and in the standard "
+                    "parametrisation, and plot each layer's activation size against width.",
+        epilog=MUP_COORD_CHECK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", type=Path,
+                   help="job spec whose model (flavor, muP settings) and optimizer to use "
+                        "(default: the tiny flavor, AdamW, lr 3e-3)")
+    p.add_argument("--widths", type=_widths, default=(64, 128, 256, 512, 1024),
+                   help="comma-separated model widths; multiples of the flavor's head_dim "
+                        "(default: 64,128,256,512,1024)")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per width (default: 5)")
+    p.add_argument("--optimizer", choices=("adopt", "qhadamw", "qhadopt", "decoupled_adamw", "adamw"),
+                   help="optimizer (default: the spec's)")
+    p.add_argument("-o", "--output", type=Path, default=Path("coord_check.png"),
+                   help="PNG to write; the raw numbers go beside it as .json (default: coord_check.png)")
 
 
 DATA_PREPARE_EPILOG = """\
@@ -308,6 +364,32 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mup(args: argparse.Namespace) -> int:
+    """`fljob mup coord-check`: the sweep, the PNG + JSON, and the slope table."""
+    from fljob.spec import JobSpec
+
+    spec = _load(argparse.Namespace(spec=args.spec, overrides=[], site=None)) if args.spec \
+        else JobSpec(name="coord-check")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    from fljob.trainer.coord_check import (
+        CoordCheckConfig,
+        run_coord_check,
+        slope_table,
+        write_outputs,
+    )
+
+    try:
+        result = run_coord_check(spec, CoordCheckConfig(
+            widths=args.widths, steps=args.steps, optimizer=args.optimizer))
+    except ValueError as exc:  # a width the flavor's heads cannot divide
+        raise UsageError(f"--widths: {exc}") from None
+    for path in write_outputs(result, args.output):
+        print(path)
+    print(slope_table(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:  # torchrun's own arguments follow; argparse must not touch them
@@ -322,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": cmd_schema,
         "data": cmd_data,
         "dashboard": cmd_dashboard,
+        "mup": cmd_mup,
     }
     try:
         if args.command in handlers:
