@@ -53,15 +53,18 @@ def _keys(s3_server, prefix: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def s3_dataset(s3_server, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """The bundled corpus prepared locally (BPE trained) and to S3 with that tokenizer."""
+    """The bundled corpus prepared locally (BPE trained) and to S3 with that tokenizer,
+    given as an s3:// URI."""
     local = tmp_path_factory.mktemp("local") / "pydoc"
     prepared = fljob("data", "prepare", "builtin:pydoc", str(local), "--seq-len", str(SEQ),
                      "--no-progress", env=_bare_env())
     assert prepared.returncode == 0, prepared.stderr
+    tokenizer = f"s3://{s3_server.bucket}/tokenizers-{uuid.uuid4().hex[:8]}/tokenizer.json"
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=tokenizer.split("/", 3)[3],
+                                  Body=(local / "tokenizer.json").read_bytes())
     uri = f"s3://{s3_server.bucket}/data-{uuid.uuid4().hex[:8]}/pydoc"
     prepared = fljob("data", "prepare", "builtin:pydoc", uri, "--seq-len", str(SEQ),
-                     "--tokenizer", str(local / "tokenizer.json"), "--no-progress",
-                     env=_server_env(s3_server))
+                     "--tokenizer", tokenizer, "--no-progress", env=_server_env(s3_server))
     assert prepared.returncode == 0, prepared.stderr
     assert s3_server.secret_access_key not in prepared.stdout + prepared.stderr
     return uri, local
@@ -108,7 +111,7 @@ def test_fljob_train_from_s3_with_referenced_credentials(s3_server, s3_dataset,
     spec.write_text(json.dumps({
         "name": "s3-stream", "run_dir": str(tmp_path / "run"),
         "training": {"steps": 3, "local_batch_size": 2, "seq_len": SEQ},
-        "data": {"streams": [{"uri": uri}]},
+        "data": {"streams": [{"uri": uri}], "tokenizer": f"{uri}/tokenizer.json"},
         "storage": {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region,
                     "access_key_id": {"env": "FLJOB_TEST_S3_KEY"},
                     "secret_access_key": {"env": "FLJOB_TEST_S3_SECRET"}},
@@ -118,6 +121,9 @@ def test_fljob_train_from_s3_with_referenced_credentials(s3_server, s3_dataset,
            "FLJOB_TEST_S3_SECRET": s3_server.secret_access_key}
     result = fljob("train", str(spec), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    fetched = (tmp_path / "run" / "data" / "tokenizer.json").read_bytes()  # data.tokenizer URI
+    assert fetched == s3_server.client().get_object(
+        Bucket=s3_server.bucket, Key=f"{uri.split('/', 3)[3]}/tokenizer.json")["Body"].read()
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in metrics]
     assert len(losses) == 3 and all(np.isfinite(losses))

@@ -286,11 +286,11 @@ def test_cli_bad_input_exits_2_without_a_complete_dataset(tmp_path: Path, case: 
 # ------------------------------------------------------------------ the trainer on a stream
 
 
-def _stream_spec(tmp: Path, uri: str, seq_len: int = SEQ) -> Path:
+def _stream_spec(tmp: Path, uri: str, seq_len: int = SEQ, batch: int = 2) -> Path:
     spec = tmp / "spec.yaml"
     spec.write_text(json.dumps({
         "name": "stream-test", "run_dir": str(tmp / "run"),
-        "training": {"steps": 3, "local_batch_size": 2, "seq_len": seq_len},
+        "training": {"steps": 3, "local_batch_size": batch, "seq_len": seq_len},
         "data": {"streams": [{"uri": uri}]},
         "metrics": {"enabled": False, "port": _free_port()},
     }))
@@ -309,11 +309,19 @@ def test_fljob_train_reads_a_local_stream(tmp_path: Path) -> None:
     assert any((tmp_path / "run" / "data" / "mds-cache" / "0").iterdir())
 
 
-def test_fljob_train_refuses_a_stream_of_another_seq_len(tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", ["seq-len", "too-small", "unprepared"])
+def test_fljob_train_refuses_an_unusable_stream(tmp_path: Path, case: str) -> None:
     dest = _prepare(tmp_path, "alpha")
-    result = fljob("train", str(_stream_spec(tmp_path, str(dest), seq_len=2 * SEQ)))
-    assert result.returncode == 2
-    assert f"seq_len {SEQ}" in result.stderr and "Traceback" not in result.stderr
+    if case == "seq-len":
+        spec, needle = _stream_spec(tmp_path, str(dest), seq_len=2 * SEQ), f"seq_len {SEQ}"
+    elif case == "too-small":
+        spec, needle = _stream_spec(tmp_path, str(dest), batch=500), "fewer than one step needs"
+    else:
+        (dest / INDEX_FILE).unlink()  # as after a preparation that failed half-way
+        spec, needle = _stream_spec(tmp_path, str(dest)), "not a complete fljob dataset"
+    result = fljob("train", str(spec))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert needle in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

@@ -67,7 +67,10 @@ def build_streaming_dataloader(spec: JobSpec, dp_rank: int, dp_world: int,
     exclusive = os.environ.get("FLJOB_BACKEND") == "k8s" or (
         os.environ.get("FLJOB_BACKEND") == "slurm" and spec.slurm.exclusive)
     clean_shared_memory([s.cache_dir for s in sources], exclusive=exclusive)
-    return StreamingTokenLoader(
-        sources, batch_size=spec.training.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,
-        seed=spec.data.shuffle_seed, predownload=spec.data.predownload,
-        cache_limit=spec.data.cache_limit, num_workers=spec.data.num_workers)
+    try:
+        return StreamingTokenLoader(
+            sources, batch_size=spec.training.local_batch_size, dp_rank=dp_rank,
+            dp_world=dp_world, seed=spec.data.shuffle_seed, predownload=spec.data.predownload,
+            cache_limit=spec.data.cache_limit, num_workers=spec.data.num_workers)
+    except ValueError as exc:  # too little data for a step, a cache_limit below a shard, ...
+        raise UsageError(f"data.streams: {exc}") from None
