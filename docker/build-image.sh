@@ -39,5 +39,6 @@ t=$(date +%s)
 # need CAP_SYS_RESOURCE, which a CI container may lack.
 "$here/podman-local.sh" build --network none --pull=never \
   --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
-  --build-arg BASE_IMAGE="$base" -f "$here/Dockerfile" -t "$tag" "$repo"
+  --build-arg BASE_IMAGE="$base" --build-arg WHEELHOUSE=/wheels \
+  --build-arg TORCH_WHEEL="$(basename "$torch_wheel")" -f "$here/Dockerfile" -t "$tag" "$repo"
 echo "$tag built in $(seconds "$t") s (all image work: $(seconds "$t0") s)"
