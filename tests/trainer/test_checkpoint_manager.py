@@ -108,7 +108,7 @@ def test_load_restores_model_optimizer_schedule_and_counters(tmp_path: Path) -> 
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     lr = manager.states["lr_scheduler"].schedulers[0].get_last_lr()
     marker = json.loads((tmp_path / "ckpt" / "step-3" / "COMMITTED").read_text())
-    assert marker["tokens_seen"] == 96 and marker["world_size"] == 1
+    assert marker["rank_tokens_seen"] == 96 and marker["world_size"] == 1
     manager.close()
 
     fresh, fresh_model, fresh_state = build(tmp_path)

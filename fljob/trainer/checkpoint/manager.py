@@ -109,7 +109,7 @@ class FljobCheckpointManager(CheckpointManager):
         begin = time.monotonic()
         states = self._flattened_model_states_sd()
         manifest = build_manifest(self.spec, step=curr_step, world_size=self.world_size,
-                                  tokens_seen=int(self.states["train_state"].ntokens_seen))
+                                  rank_tokens_seen=int(self.states["train_state"].ntokens_seen))
         asynchronous = self.async_mode == AsyncMode.ASYNC and not last_step
         error = None
         try:
@@ -133,7 +133,7 @@ class FljobCheckpointManager(CheckpointManager):
             self.store.write_object(f"{step_name(step)}/{MANIFEST}", _json(manifest))
             marker = self.store.commit(step, {"time": manifest["time"],
                                               "world_size": self.world_size,
-                                              "tokens_seen": manifest["tokens_seen"]})
+                                              "rank_tokens_seen": manifest["rank_tokens_seen"]})
             self.committed_bytes = int(marker["bytes"])
         except Exception as exc:  # noqa: BLE001  (botocore, aiohttp, OSError...: all one line)
             return describe_error(exc, self.store.secrets)

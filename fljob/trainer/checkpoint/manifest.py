@@ -43,12 +43,15 @@ def git_sha() -> str | None:
     return os.environ.get("FLJOB_GIT_SHA")
 
 
-def build_manifest(spec: JobSpec, *, step: int, world_size: int, tokens_seen: int) -> dict[str, Any]:
+def build_manifest(spec: JobSpec, *, step: int, world_size: int,
+                   rank_tokens_seen: int) -> dict[str, Any]:
+    """``rank_tokens_seen`` is the trainer's own counter: tokens this rank consumed (the
+    metrics' ``tokens_seen`` sums it over the data-parallel ranks)."""
     versions = {p: _version(p) for p in _PACKAGES}
     versions["python"] = platform.python_version()
     return {
         "step": step,
-        "tokens_seen": tokens_seen,
+        "rank_tokens_seen": rank_tokens_seen,
         "world_size": world_size,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_id": os.environ.get("FLJOB_RUN_ID"),
