@@ -68,14 +68,15 @@ def image_env():
     owned = None
     if "FLJOB_CTR_DIR" not in env:
         owned = env["FLJOB_CTR_DIR"] = tempfile.mkdtemp(prefix="fljob-ctr-", dir="/var/tmp")
-    t0 = time.monotonic()
-    proc = subprocess.run([str(DOCKER / "build-image.sh"), TAG], env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
-    sys.stderr.write(f"\n[image] built in {time.monotonic() - t0:.0f} s:\n"
-                     + "".join(f"  {line}\n" for line in proc.stdout.splitlines()
-                               if re.search(r"\bin \d+ s\b", line)))
-    assert proc.returncode == 0, f"docker/build-image.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     try:
+        t0 = time.monotonic()
+        proc = subprocess.run([str(DOCKER / "build-image.sh"), TAG], env=env, capture_output=True,
+                              text=True, timeout=900, check=False)
+        sys.stderr.write(f"\n[image] built in {time.monotonic() - t0:.0f} s:\n"
+                         + "".join(f"  {line}\n" for line in proc.stdout.splitlines()
+                                   if re.search(r"\bin \d+ s\b", line)))
+        assert proc.returncode == 0, (f"docker/build-image.sh failed:\n{proc.stdout[-4000:]}\n"
+                                      f"{proc.stderr[-4000:]}")
         yield env
     finally:
         if owned:  # every container ran with --rm, so nothing is mounted: removing the folder is enough
