@@ -110,3 +110,14 @@ def test_config_is_plain_data_and_byte_stable() -> None:
     first = json.dumps(build_job_config(spec, "cpu").to_dict(), indent=2)
     second = json.dumps(dataclasses.asdict(build_job_config(spec, "cpu")), indent=2)
     assert first == second
+
+
+def test_checkpoint_section_async_only_on_cuda() -> None:
+    """fljob's checkpointer reads this section; DCP's thread-based async save only pays off
+    where staging copies device memory to the host."""
+    spec = make_spec(checkpoint={"uri": "s3://b/run", "interval_steps": 7, "keep_latest": 1,
+                                 "async_save": True})
+    cpu, cuda = build_job_config(spec, "cpu").checkpoint, build_job_config(spec, "cuda").checkpoint
+    assert (cpu.async_mode, cuda.async_mode) == ("disabled", "async")
+    assert (cpu.folder, cpu.interval, cpu.keep_latest_k, cpu.load_step) == ("s3://b/run", 7, 1, -1)
+    assert cpu.last_save_model_only is False  # the final save must resume training
