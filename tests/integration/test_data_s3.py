@@ -157,3 +157,39 @@ def test_prepare_with_a_wrong_secret_or_endpoint_exits_2(s3_server, tmp_path: Pa
     result = fljob("data", "prepare", "builtin:pydoc", f"s3://{s3_server.bucket}/x", "--no-progress",
                    "--endpoint-url", f"http://127.0.0.1:{_free_port()}", env=_server_env(s3_server))
     assert result.returncode == 2 and "cannot reach the S3 endpoint" in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_from_s3_continues_the_s3_stream_bitwise(s3_server, s3_dataset,
+                                                        tmp_path: Path) -> None:
+    """Data and checkpoints on the real server, 2 data-parallel ranks: 6 steps in one go ==
+    3 steps, stop, resume for 3 more (constant learning rate: only the restored state counts)."""
+    uri, _ = s3_dataset
+    checkpoints = f"s3://{s3_server.bucket}/ckpt-{uuid.uuid4().hex[:8]}"
+    env = {**_bare_env(), "FLJOB_TEST_S3_KEY": s3_server.access_key_id,
+           "FLJOB_TEST_S3_SECRET": s3_server.secret_access_key}
+
+    def run(name: str, steps: int) -> list[tuple[int, float]]:
+        spec = tmp_path / f"{name}-{steps}.yaml"
+        spec.write_text(json.dumps({
+            "name": "s3-resume", "run_dir": str(tmp_path / name),
+            "resources": {"procs_per_node": 2},
+            "training": {"steps": steps, "local_batch_size": 2, "seq_len": SEQ},
+            "schedule": {"decay_ratio": 0.01},
+            "data": {"streams": [{"uri": uri}]},
+            "checkpoint": {"uri": f"{checkpoints}/{name}"},
+            "storage": {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region,
+                        "access_key_id": {"env": "FLJOB_TEST_S3_KEY"},
+                        "secret_access_key": {"env": "FLJOB_TEST_S3_SECRET"}},
+            "metrics": {"enabled": False, "port": _free_port()},
+        }))
+        result = fljob("submit", "--backend", "local", str(spec), env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, rows)]
+
+    straight = run("straight", 6)
+    run("stopped", 3)
+    stopped_and_resumed = run("stopped", 6)
+    assert [step for step, _ in stopped_and_resumed] == [1, 2, 3, 4, 5, 6]  # resumed at 4
+    assert stopped_and_resumed == straight
