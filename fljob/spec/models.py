@@ -340,9 +340,9 @@ class Optimizer(Strict):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     nus: tuple[float, float] = Field((0.7, 1.0), description="Quasi-hyperbolic nu1, nu2 (qhadamw, qhadopt).")
-    implementation: Literal["foreach", "single_tensor", "fused"] = Field(
-        "foreach", description="Update path: foreach (multi-tensor ops), single_tensor, or fused "
-        "(one Triton kernel per tensor, CUDA only; the fastest on a GPU).")
+    implementation: Literal["auto", "foreach", "single_tensor", "fused"] = Field(
+        "auto", description="Update path: fused (Triton kernels, CUDA only; the fastest on a GPU), "
+        "foreach (multi-tensor ops) or single_tensor; auto is fused on CUDA, foreach on CPU.")
     grad_clip_norm: float | None = Field(1.0, gt=0)
 
     @field_validator("betas", "nus")

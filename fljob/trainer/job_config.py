@@ -75,6 +75,14 @@ def job_spec(job_config: JobConfig) -> JobSpec:
     return JobSpec.model_validate(job_config.fljob.spec)
 
 
+def optimizer_implementation(implementation: str, device: str) -> str:
+    """torchtitan's name for the spec's update path on ``device``; "auto" is the fastest one
+    the device has (fljob's fused kernels need CUDA)."""
+    if implementation == "auto":
+        return "fused" if device == "cuda" else "foreach"
+    return {"single_tensor": "for-loop"}.get(implementation, implementation)
+
+
 def build_job_config(spec: JobSpec, device: str) -> FljobJobConfig:
     """torchtitan's configuration for ``spec`` on ``device`` ("cpu" or "cuda")."""
     run_dir = spec.resolved_run_dir
@@ -95,8 +103,7 @@ def build_job_config(spec: JobSpec, device: str) -> FljobJobConfig:
             eps=opt.eps,
             weight_decay=opt.weight_decay,
             nus=opt.nus,
-            implementation={"single_tensor": "for-loop"}.get(opt.implementation,
-                                                             opt.implementation),
+            implementation=optimizer_implementation(opt.implementation, device),
         ),
         lr_scheduler=LRScheduler(
             warmup_steps=sched.warmup_steps,

@@ -112,6 +112,13 @@ def test_config_is_plain_data_and_byte_stable() -> None:
     assert first == second
 
 
+def test_auto_optimizer_implementation_is_fused_on_cuda_only() -> None:
+    spec = make_spec()
+    assert spec.optimizer.implementation == "auto"
+    assert build_job_config(spec, "cuda").optimizer.implementation == "fused"
+    assert build_job_config(spec, "cpu").optimizer.implementation == "foreach"
+
+
 def test_checkpoint_section_async_only_on_cuda() -> None:
     """fljob's checkpointer reads this section; DCP's thread-based async save only pays off
     where staging copies device memory to the host."""
