@@ -193,3 +193,37 @@ def s3_server():
             t0 = time.monotonic()
             _s3_script(env, "clean" if owned_dir else "stop", check=False)
             sys.stderr.write(f"\n[s3_server] stopped in {time.monotonic() - t0:.1f} s\n")
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+PROMETHEUS_SH = REPO / "tests" / "infra" / "prometheus.sh"
+PROMETHEUS_BINARIES = {"prometheus": "prometheus", "promtool": "prometheus",
+                       "prometheus-pushgateway": "prometheus-pushgateway"}
+PROMETHEUS_DEFAULT_PORTS = {"FLJOB_PROM_PORT": 19190, "FLJOB_PUSHGATEWAY_PORT": 19191}
+
+
+@pytest.fixture(scope="session")
+def prometheus_stack(tmp_path_factory):
+    """Prometheus (1 s scrapes of a file_sd folder) and a Pushgateway, from tests/infra/prometheus.sh.
+
+    Yields their URLs, the state folder and the targets folder; stops both by PID at the end.
+    Skips, naming the Debian packages, where Prometheus is not installed.
+    """
+    missing = [b for b in PROMETHEUS_BINARIES if _which(b) is None]
+    if missing:
+        pytest.skip(f"Prometheus is not installed (missing {', '.join(missing)}: Debian packages "
+                    f"{' '.join(sorted({PROMETHEUS_BINARIES[b] for b in missing}))}); as root run "
+                    "`tests/infra/prometheus.sh install`")
+    env = dict(os.environ, FLJOB_PROM_DIR=str(tmp_path_factory.mktemp("prometheus")),
+               FLJOB_PROM_SCRAPE_INTERVAL="1s")
+    for name, default in PROMETHEUS_DEFAULT_PORTS.items():
+        env.setdefault(name, str(default if _port_free(default) else _free_port()))
+    env["FLJOB_PROM_TARGETS"] = os.path.join(env["FLJOB_PROM_DIR"], "targets")
+    subprocess.run(["bash", str(PROMETHEUS_SH), "start"], env=env, check=True, timeout=60)
+    try:
+        yield {"dir": Path(env["FLJOB_PROM_DIR"]), "targets": Path(env["FLJOB_PROM_TARGETS"]),
+               "prometheus": f"http://127.0.0.1:{env['FLJOB_PROM_PORT']}",
+               "pushgateway": f"http://127.0.0.1:{env['FLJOB_PUSHGATEWAY_PORT']}"}
+    finally:
+        subprocess.run(["bash", str(PROMETHEUS_SH), "stop"], env=env, check=False, timeout=60)

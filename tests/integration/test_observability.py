@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,27 +30,8 @@ from fljob.exitcodes import REQUEUE
 from fljob.observability import dashboards
 
 REPO = Path(__file__).resolve().parents[2]
-PROM_SH = REPO / "tests" / "infra" / "prometheus.sh"
-BINARIES = {"prometheus": "prometheus", "promtool": "prometheus",
-            "prometheus-pushgateway": "prometheus-pushgateway"}
-DEFAULT_PORTS = {"FLJOB_PROM_PORT": 19190, "FLJOB_PUSHGATEWAY_PORT": 19191}
 METRICS_PORT = 19462
 RATE_INTERVAL = "10s"  # Grafana's $__rate_interval for 1 s scrapes, with margin for slow steps
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get_json(url: str, **params: str) -> dict:
@@ -66,27 +46,6 @@ def _get_text(url: str) -> str | None:
             return r.read().decode()
     except OSError:
         return None
-
-
-@pytest.fixture(scope="module")
-def prometheus_stack(tmp_path_factory):
-    missing = [b for b in BINARIES if shutil.which(b) is None]
-    if missing:
-        pytest.skip(f"Prometheus is not installed (missing {', '.join(missing)}: Debian packages "
-                    f"{' '.join(sorted({BINARIES[b] for b in missing}))}); as root run "
-                    "`tests/infra/prometheus.sh install`")
-    env = dict(os.environ, FLJOB_PROM_DIR=str(tmp_path_factory.mktemp("prometheus")),
-               FLJOB_PROM_SCRAPE_INTERVAL="1s")
-    for name, default in DEFAULT_PORTS.items():
-        env.setdefault(name, str(default if _port_free(default) else _free_port()))
-    env["FLJOB_PROM_TARGETS"] = os.path.join(env["FLJOB_PROM_DIR"], "targets")
-    subprocess.run(["bash", str(PROM_SH), "start"], env=env, check=True, timeout=60)
-    try:
-        yield {"dir": Path(env["FLJOB_PROM_DIR"]), "targets": Path(env["FLJOB_PROM_TARGETS"]),
-               "prometheus": f"http://127.0.0.1:{env['FLJOB_PROM_PORT']}",
-               "pushgateway": f"http://127.0.0.1:{env['FLJOB_PUSHGATEWAY_PORT']}"}
-    finally:
-        subprocess.run(["bash", str(PROM_SH), "stop"], env=env, check=False, timeout=60)
 
 
 @dataclass
