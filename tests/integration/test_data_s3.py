@@ -193,3 +193,25 @@ def test_resume_from_s3_continues_the_s3_stream_bitwise(s3_server, s3_dataset,
     stopped_and_resumed = run("stopped", 6)
     assert [step for step, _ in stopped_and_resumed] == [1, 2, 3, 4, 5, 6]  # resumed at 4
     assert stopped_and_resumed == straight
+
+
+def test_fljob_train_with_an_unreachable_endpoint_or_wrong_secret_exits_2(
+        s3_server, s3_dataset, tmp_path: Path) -> None:
+    uri, _ = s3_dataset
+    for endpoint, secret, needle in (
+            (f"http://127.0.0.1:{_free_port()}", s3_server.secret_access_key, "cannot reach"),
+            (s3_server.endpoint_url, "fljob-wrong-secret-77aa", "refused access")):
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(json.dumps({
+            "name": "s3-bad", "run_dir": str(tmp_path / "run"),
+            "training": {"steps": 1, "seq_len": SEQ}, "data": {"streams": [{"uri": uri}]},
+            "storage": {"endpoint_url": endpoint,
+                        "access_key_id": {"env": "FLJOB_TEST_S3_KEY"},
+                        "secret_access_key": {"env": "FLJOB_TEST_S3_SECRET"}},
+            "metrics": {"enabled": False, "port": _free_port()},
+        }))
+        env = {**_bare_env(), "FLJOB_TEST_S3_KEY": s3_server.access_key_id,
+               "FLJOB_TEST_S3_SECRET": secret}
+        result = fljob("train", str(spec), env=env)
+        assert result.returncode == 2 and needle in result.stderr, result.stderr[-2000:]
+        assert secret not in result.stderr and "Traceback" not in result.stderr

@@ -79,6 +79,9 @@ def prepare_stream_tokenizer(spec: JobSpec) -> Path:
     from fljob.errors import UsageError
     from fljob.trainer.data.mds_prepare import TOKENIZER_FILE
 
+    for uri in {s.uri for s in spec.data.streams} | {spec.data.tokenizer or ""}:
+        if storage.is_s3(uri):
+            storage.check_bucket(uri)  # a wrong endpoint, secret or bucket: exit 2, one line
     path = tokenizer_path(spec)
     if spec.data.tokenizer is not None and "://" not in spec.data.tokenizer:
         return path
