@@ -47,10 +47,14 @@ def world_of_one(tmp_path_factory: pytest.TempPathFactory):
     dist.destroy_process_group()
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: async staging from GPU memory untested"))]
+
+
 def build(tmp_path: Path, *, async_mode: str = "disabled", resume: bool = True,
-          keep: int = 2) -> tuple[FljobCheckpointManager, nn.Module, Counter]:
+          keep: int = 2, device: str = "cpu") -> tuple[FljobCheckpointManager, nn.Module, Counter]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)).to(device)
     optimizers = OptimizersContainer([model], torch.optim.AdamW, {"lr": 1e-2})
     schedulers = LRSchedulersContainer(optimizers, lambda step: 1.0 / (1 + step))
     state = Counter()
@@ -67,7 +71,7 @@ def build(tmp_path: Path, *, async_mode: str = "disabled", resume: bool = True,
 
 
 def train_step(model: nn.Module, manager: FljobCheckpointManager, state: Counter) -> None:
-    model(torch.randn(4, 8)).square().mean().backward()
+    model(torch.randn(4, 8, device=model[0].weight.device)).square().mean().backward()
     manager.states["optimizer"].step()
     manager.states["optimizer"].zero_grad()
     manager.states["lr_scheduler"].step()
@@ -79,9 +83,10 @@ def latest(tmp_path: Path) -> str:
     return (tmp_path / "ckpt" / "latest").read_text().strip()
 
 
-def test_async_saves_commit_and_a_failed_one_does_not(tmp_path: Path,
+@pytest.mark.parametrize("device", DEVICES)
+def test_async_saves_commit_and_a_failed_one_does_not(tmp_path: Path, device: str,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    manager, model, state = build(tmp_path, async_mode="async", keep=3)
+    manager, model, state = build(tmp_path, async_mode="async", keep=3, device=device)
     for _ in range(2):
         train_step(model, manager, state)
     manager.save(2)  # returns once staged; the upload and the commit go on in a thread
@@ -98,6 +103,11 @@ def test_async_saves_commit_and_a_failed_one_does_not(tmp_path: Path,
     assert "Retention in" not in caplog.text  # a stray file is no step: left alone
     committed = sorted(p.parent.name for p in (tmp_path / "ckpt").glob("step-*/COMMITTED"))
     assert committed == ["step-2", "step-3", "step-5"]
+    weights = {k: v.cpu() for k, v in model.state_dict().items()}
+    fresh, fresh_model, _ = build(tmp_path, device=device)
+    assert fresh.load()  # step 5, staged from `device` while training went on
+    assert all(torch.equal(fresh_model.state_dict()[k].cpu(), v) for k, v in weights.items())
+    fresh.close()
 
 
 def test_load_restores_model_optimizer_schedule_and_counters(tmp_path: Path) -> None:
