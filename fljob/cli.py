@@ -376,14 +376,16 @@ def cmd_mup(args: argparse.Namespace) -> int:
         CoordCheckConfig,
         run_coord_check,
         slope_table,
+        sweep_args,
         write_outputs,
     )
 
+    config = CoordCheckConfig(widths=args.widths, steps=args.steps, optimizer=args.optimizer)
     try:
-        result = run_coord_check(spec, CoordCheckConfig(
-            widths=args.widths, steps=args.steps, optimizer=args.optimizer))
-    except ValueError as exc:  # a width the flavor's heads cannot divide
+        sweep_args(spec, config)
+    except ValueError as exc:  # a width the flavor's heads cannot make
         raise UsageError(f"--widths: {exc}") from None
+    result = run_coord_check(spec, config)
     for path in write_outputs(result, args.output):
         print(path)
     print(slope_table(result))

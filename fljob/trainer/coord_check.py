@@ -211,21 +211,29 @@ def train_and_record(args: ModelArgs, spec: JobSpec, optimizer: str,
     return history
 
 
+def sweep_args(spec: JobSpec, config: CoordCheckConfig) -> dict[tuple[str, int], ModelArgs]:
+    """The model of every (parametrisation, width) run; ValueError for a width the flavor's
+    heads cannot make (cheap: call it to check widths before the sweep)."""
+    vocab_size = config.vocab_size or get_flavor(flavor_name(spec)).vocab_size
+    base = args_for_spec(spec, vocab_size=vocab_size)
+    return {(p, w): args_at_width(base, w, mup=p == "mup")
+            for p in PARAMETRISATIONS for w in config.widths}
+
+
 def run_coord_check(spec: JobSpec, config: CoordCheckConfig,
                     progress: bool = True) -> CoordCheckResult:
     """Train every (parametrisation, width) pair ``config.steps`` steps and collect scales."""
     from tqdm import tqdm
 
-    vocab_size = config.vocab_size or get_flavor(flavor_name(spec)).vocab_size
-    base = args_for_spec(spec, vocab_size=vocab_size)
+    runs = sweep_args(spec, config)
+    base = next(iter(runs.values()))
     optimizer = config.optimizer or spec.optimizer.name
     batches = token_windows(bundled_tokens(base.vocab_size), config.batch_size, config.seq_len,
                             config.steps + 1, config.seed)
     scales: dict[str, dict[str, list[list[float]]]] = {}
     layers: list[str] = []
-    runs = [(p, w) for p in PARAMETRISATIONS for w in config.widths]
-    for parametrisation, width in tqdm(runs, desc="coord-check", unit="run", disable=not progress):
-        args = args_at_width(base, width, mup=parametrisation == "mup")
+    for (parametrisation, _), args in tqdm(runs.items(), desc="coord-check", unit="run",
+                                           disable=not progress):
         history = train_and_record(args, spec, optimizer, batches, config.seed)
         layers = list(history[0])
         by_layer = scales.setdefault(parametrisation, {name: [[] for _ in history] for name in layers})
@@ -237,7 +245,6 @@ def run_coord_check(spec: JobSpec, config: CoordCheckConfig,
                  "n_layers": base.n_layers, "base_dim": base.base_dim,
                  "vocab_size": base.vocab_size}
     return CoordCheckResult(described, list(config.widths), layers, scales)
-
 
 
 def plot(result: CoordCheckResult, path: Path) -> None:
