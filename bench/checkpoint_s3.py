@@ -8,7 +8,8 @@ weights and its two Adam moments. Alternating, ``--passes`` times:
 * fljob save: what the trainer's checkpointer does for a synchronous save, through the same
   code: DCP's planner and fsspec writer (``fljob.trainer.checkpoint.dcp_storage``, 4 upload
   threads) to ``step-N/``, then the commit (listing, marker, ``latest``);
-* fljob load: DCP load of that step into preallocated tensors, as a resume does;
+* fljob load: DCP load of that step into preallocated tensors, as a resume does (the
+  object-store reader fetches each file whole in 8 MiB ranges requested concurrently);
 * anchor: boto3's managed transfer (multipart, 8 MiB parts, 4 threads) uploads the same
   ``.distcp`` files from memory, then downloads them into memory.
 
@@ -41,9 +42,15 @@ from boto3.s3.transfer import TransferConfig
 
 from bench.common import RESULTS, header, table, write_results
 from bench.s3_server import s3_server, swift_version
+from fljob.spec.models import SecretRef, Storage
 from fljob.storage import s3_client
-from fljob.trainer.checkpoint.dcp_storage import UPLOAD_THREADS, storage_reader, storage_writer
-from fljob.trainer.checkpoint.store import CheckpointStore
+from fljob.trainer.checkpoint.dcp_storage import (
+    PART_BYTES,
+    UPLOAD_THREADS,
+    storage_reader,
+    storage_writer,
+)
+from fljob.trainer.checkpoint.store import CheckpointStore, storage_options
 
 BUCKET = "fljob-bench"
 PART = 8 * 2**20
@@ -86,11 +93,14 @@ def fljob_load(store: CheckpointStore, step: int, target) -> None:
     dcp.load(target, storage_reader=storage_reader(store.step_uri(step), store))
 
 
-def s3_options() -> dict:
-    """The same settings the trainer derives from a spec's storage section."""
-    return {"endpoint_url": os.environ["S3_ENDPOINT_URL"], "key": os.environ["AWS_ACCESS_KEY_ID"],
-            "secret": os.environ["AWS_SECRET_ACCESS_KEY"],
-            "client_kwargs": {"region_name": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}}
+def s3_options(uri: str) -> dict:
+    """What the trainer passes to s3fs for a spec whose storage section references the
+    exported test credentials."""
+    storage = Storage(endpoint_url=os.environ["S3_ENDPOINT_URL"],
+                      region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                      access_key_id=SecretRef(env="AWS_ACCESS_KEY_ID"),
+                      secret_access_key=SecretRef(env="AWS_SECRET_ACCESS_KEY"))
+    return storage_options(uri, storage, os.environ)
 
 
 def shard_blobs(client, prefix: str) -> dict[str, bytes]:
@@ -139,7 +149,8 @@ def main() -> None:
         if BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
             client.create_bucket(Bucket=BUCKET)
         run = uuid.uuid4().hex[:8]
-        store = CheckpointStore(f"s3://{BUCKET}/{run}/ckpt", s3_options())
+        uri = f"s3://{BUCKET}/{run}/ckpt"
+        store = CheckpointStore(uri, s3_options(uri))
         local = CheckpointStore(str(work / "ckpt"))
         times: dict[str, list[float]] = {k: [] for k in (
             "fljob save", "fljob load", "anchor upload", "anchor download", "local save", "local load")}
@@ -179,7 +190,8 @@ def main() -> None:
          f"moments) -> {files} .distcp objects, {shard_bytes / 1e6:.1f} MB; {args.passes} passes, "
          "median; fljob and anchor alternate which goes first"),
         (f"- fljob: DCP + fsspec writer, {UPLOAD_THREADS} upload threads, then the commit (marker, "
-         f"latest); anchor: boto3 upload_fileobj/download_fileobj, {PART >> 20} MiB parts, "
+         f"latest); load through the object-store reader ({PART_BYTES >> 20} MiB ranges, "
+         f"concurrent); anchor: boto3 upload_fileobj/download_fileobj, {PART >> 20} MiB parts, "
          f"{UPLOAD_THREADS} threads, the same objects one after another"),
         "",
     ]

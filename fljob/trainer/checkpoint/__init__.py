@@ -10,6 +10,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
+from fljob.spec.models import JobSpec
 from fljob.trainer.checkpoint.manager import FljobCheckpointManager
 from fljob.trainer.checkpoint.store import (
     CheckpointError,
@@ -26,7 +27,7 @@ __all__ = ["CheckpointError", "CheckpointStore", "FljobCheckpointManager", "buil
            "open_store"]
 
 
-def open_store(uri: str, spec) -> CheckpointStore:
+def open_store(uri: str, spec: JobSpec) -> CheckpointStore:
     """The checkpoint location ``uri`` with the spec's storage settings (paths are taken
     relative to the run folder)."""
     uri = normalize_uri(uri, spec.resolved_run_dir)
