@@ -16,7 +16,7 @@ one statistics step is also timed on its own (``before_step`` + ``optimizer.step
 every N steps.
 
     python bench/metrics_cost.py                    # GPU: 1.06B flavor, bf16, compile on
-    python bench/metrics_cost.py --cpu              # CPU: tiny flavor, float32, as configs/local.yaml
+    python bench/metrics_cost.py --cpu              # CPU: tiny flavor, float32, 1 thread
     python bench/metrics_cost.py --smoke            # CPU dry run
 
 Writes ``bench/results/metrics_cost-<device>[-smoke].md``.
@@ -60,13 +60,20 @@ SETTINGS: dict[str, tuple[bool, int | None]] = {
 }
 
 
+def step_clock(device: torch.device) -> Callable[[], float]:
+    """Wall time on a GPU; on the (shared) CPU the process's CPU time, which other jobs on
+    the machine do not inflate (the CPU run uses one intra-op thread, so no spinning)."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def run_block(step: Callable, steps: int, first: int, device: torch.device, log: bool,
               stats, sink) -> float:
     """Milliseconds per step over ``steps`` steps numbered from ``first``."""
     optimizer = stats.optimizer if stats is not None else None
+    clock = step_clock(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for number in range(first, first + steps):
         if stats is not None:
             # The hooks FljobMetricsProcessor.watch registers around optimizer.step().
@@ -85,7 +92,7 @@ def run_block(step: Callable, steps: int, first: int, device: torch.device, log:
             sink.flush()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) * 1e3 / steps
+    return (clock() - t0) * 1e3 / steps
 
 
 def main() -> None:
@@ -109,6 +116,7 @@ def main() -> None:
     if args.cpu or args.smoke:
         args.flavor, args.batch, args.seq_len, args.implementation = "1.25M", 8, 128, "foreach"
         device, compile_model, autocast = torch.device("cpu"), False, None
+        torch.set_num_threads(1)
     else:
         device, compile_model, autocast = pick_device("auto"), True, torch.bfloat16
     if args.smoke:
@@ -155,8 +163,9 @@ def main() -> None:
         optimizer.step()
         stats.after_step(n)
 
-    bare = median(time_ms(optimizer.step, device, warmup=2, repeat=args.repeat))
-    wrapped = median(time_ms(with_stats, device, warmup=2, repeat=args.repeat))
+    clock = step_clock(device)
+    bare = median(time_ms(optimizer.step, device, warmup=2, repeat=args.repeat, clock=clock))
+    wrapped = median(time_ms(with_stats, device, warmup=2, repeat=args.repeat, clock=clock))
     stats_ms = wrapped - bare
 
     step_ms = {name: median(v) for name, v in per_step.items()}
@@ -170,7 +179,9 @@ def main() -> None:
         f"muP groups, {args.optimizer} {args.implementation}, batch {args.batch} x {args.seq_len}, "
         f"{'bf16 autocast, compile on' if autocast else 'float32, compile off'}"),
         (f"- timing: median over {args.blocks} blocks of {args.steps} steps per setting "
-        "(settings interleaved), host clock with the device synchronised at block ends"),
+         "(settings interleaved), "
+         + ("wall clock with the device synchronised at block ends" if device.type == "cuda"
+            else "process CPU time, 1 intra-op thread (the machine is shared)")),
         "- target: optimizer statistics at interval 10 cost <= 1% of step time",
         "",
         "## One statistics step, timed on its own",

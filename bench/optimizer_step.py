@@ -127,8 +127,10 @@ def main() -> None:
         f"- bytes per step: {WORDS_PER_PARAM} words x 4 B x parameters = {step_bytes / 1e9:.2f} GB",
         (f"- measured copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s; "
         f"bound = {bound_ms:.3f} ms per step"),
-        (f"- timing: median of {args.repeat} steps after {args.warmup} warm-up steps "
-        f"({'CUDA events' if device.type == 'cuda' else 'host clock'})"),
+        (f"- timing: {args.rounds} rounds over all variants; per round and variant "
+         f"{args.warmup} warm-up steps, then {args.repeat} timed steps "
+         f"({'CUDA events' if device.type == 'cuda' else 'host clock'}); reported: the median "
+         "of all timed steps, and the spread of the per-round medians"),
         "- targets: each fljob optimizer <= 1.15x fused AdamW and <= 1.5x the bound",
         "",
     ]
