@@ -558,3 +558,36 @@ def test_fused_full_and_partial_blocks(name: str, offset: int, triton_interprete
         results.append(params)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled kernel)")
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_equals_foreach_on_cuda(case: str) -> None:
+    """The compiled kernel, not the interpreter: full blocks, tails, an unaligned parameter
+    and two param groups, over several scheduled steps."""
+    from fljob.trainer.optim import fused
+
+    name, kwargs, _ = CASES[case]
+    sizes = [fused.BLOCK_SIZE * 3 + 7, fused.BLOCK_SIZE, 5, 64 * 64]
+    results = []
+    for impl in ("foreach", "fused"):
+        gen = torch.Generator().manual_seed(0)
+        storage = torch.randn(sum(sizes) + 1, generator=gen).cuda()
+        params = [torch.nn.Parameter(p) for p in storage[1:].split(sizes)]
+        groups = [{"params": params[:2], "lr": 0.03, "weight_decay": 0.05, "eps": 1e-3},
+                  {"params": params[2:], "lr": 0.01, "weight_decay": 0.2, "eps": 1e-8}]
+        opt = build_optimizer(name, groups, foreach=impl == "foreach", fused=impl == "fused",
+                              **kwargs)
+        sched = LambdaLR(opt, lambda k: FACTORS[k % len(FACTORS)])
+        for k in range(6):
+            for p in params:
+                p.grad = (20.0 if k == 2 else 1.0) * torch.randn(p.shape, generator=gen).cuda()
+            opt.step()
+            sched.step()
+        results.append((params, opt))
+    (p_ref, o_ref), (p_fused, o_fused) = results
+    for a, b in zip(p_ref, p_fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(o_ref.state[a][key], o_fused.state[b][key],
+                                       rtol=1e-5, atol=1e-6)
