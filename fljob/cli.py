@@ -181,9 +181,12 @@ bright = last step). muP works when the lines are flat: a layer's activations ha
 size at every width, so hyperparameters tuned at the base width carry over. In SP the
 attention/FFN outputs and the logits rise with width, more with every step, because each
 update adds lr x width to them. Each panel's "slope" is the log-log slope after the last
-step: 0 is flat, 1 is proportional to width. Narrow widths can sit a little lower or higher
-than the rest (finite-width noise); a slope that grows with the steps is a muP bug.
-The numbers behind the plot go to a .json beside the PNG.
+step: 0 is flat, 1 is proportional to width. A slope that grows with every step is a muP
+bug. Expected under muP: the logits start lower the wider the model (slope -0.5 at init, the
+1/m logit multiplier) and level out after a few steps; the narrowest widths (64) can sit a
+little higher on attention/FFN outputs (part of the first Adam updates is incoherent, a term
+that fades like 1/sqrt(width)). The numbers behind the plot go to a .json beside the PNG.
+Runs on the CPU: the default sweep takes a few minutes on 2 cores.
 
 examples:
   fljob mup coord-check                                   tiny flavor, widths 64..1024

@@ -39,6 +39,8 @@ from fljob.trainer.optim.builder import QUASI_HYPERBOLIC, WEIGHT_DECAY_MODES, bu
 
 PARAMETRISATIONS = ("mup", "sp")
 FFN_MULTIPLE_OF = 8
+MIN_OCTAVES = 4.0
+"""Smallest y-range of a plot column, in factors of 2."""
 CORPUS_CHARS = 200_000
 """Text the check tokenises: a few steps of small batches need far less, and BPE training
 on the whole bundled corpus would cost more than the narrow runs."""
@@ -248,7 +250,11 @@ def run_coord_check(spec: JobSpec, config: CoordCheckConfig,
 
 
 def plot(result: CoordCheckResult, path: Path) -> None:
-    """One row per parametrisation, one column per layer kind, one line per step."""
+    """One row per parametrisation, one column per layer kind, one line per step.
+
+    Rows share each column's y-axis, and every column spans at least ``MIN_OCTAVES``, so
+    a flat line looks flat and muP and SP are read on the same scale.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -256,35 +262,42 @@ def plot(result: CoordCheckResult, path: Path) -> None:
 
     steps = len(next(iter(result.scales["mup"].values())))
     colors = plt.get_cmap("viridis")(torch.linspace(0, 0.9, steps).tolist())
-    fig, axes = plt.subplots(len(PARAMETRISATIONS), len(PLOT_KINDS), sharex=True,
-                             figsize=(3.1 * len(PLOT_KINDS), 3.0 * len(PARAMETRISATIONS)),
+    fig, axes = plt.subplots(len(PARAMETRISATIONS), len(PLOT_KINDS), sharex=True, sharey="col",
+                             figsize=(3.1 * len(PLOT_KINDS), 3.0 * len(PARAMETRISATIONS) + 0.6),
                              squeeze=False)
-    for row, parametrisation in enumerate(PARAMETRISATIONS):
-        for col, kind in enumerate(PLOT_KINDS):
+    for col, kind in enumerate(PLOT_KINDS):
+        octaves: list[float] = []
+        for row, parametrisation in enumerate(PARAMETRISATIONS):
             ax = axes[row][col]
             per_step = result.kind_scales(parametrisation, kind)
             for t, values in enumerate(per_step):
                 ax.plot(result.widths, values, marker="o", markersize=3, color=colors[t],
                         label="init" if t == 0 else f"after {t} step{'s' if t > 1 else ''}")
+                octaves += [math.log2(v) for v in values]
             slope = loglog_slope(result.widths, per_step[-1])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
             ax.set_xticks(result.widths, [str(w) for w in result.widths])
             ax.set_title(f"{KIND_TITLES[kind]}\nslope {slope:+.2f}", fontsize=9)
             ax.tick_params(labelsize=7)
+            ax.grid(True, which="major", alpha=0.3)
             if col == 0:
                 ax.set_ylabel(f"{TITLES[parametrisation]}\nmean |activation|", fontsize=9)
             if row == len(PARAMETRISATIONS) - 1:
                 ax.set_xlabel("width (dim)", fontsize=9)
-    axes[0][-1].legend(fontsize=7, loc="best")
+        middle = (max(octaves) + min(octaves)) / 2
+        half = max((max(octaves) - min(octaves)) / 2 + 0.25, MIN_OCTAVES / 2)
+        axes[0][col].set_ylim(2 ** (middle - half), 2 ** (middle + half))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=steps, fontsize=8, frameon=False)
     cfg = result.config
     fig.suptitle(
         f"muP coordinate check: flavor {cfg['flavor']} ({cfg['n_layers']} layers, head_dim "
         f"{cfg['head_dim']}, base width {cfg['base_dim']}), {cfg['optimizer']} lr {cfg['lr']:g}, "
         f"{cfg['steps']} steps. Flat lines: width-independent activations (muP's promise); "
-        f"slope = log-log slope after the last step, block layers averaged over blocks",
+        f"slope = log-log slope after the last step; block layers averaged over blocks",
         fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
