@@ -2,8 +2,9 @@
 
 It owns what the four have in common: hyperparameter checks, the ``initial_lr`` that
 decoupled weight decay needs, lazy state creation, the step counters, and the choice
-between the single-tensor and the foreach path. Subclasses supply only their update rule,
-once per tensor (``single``) and once per device/dtype bucket (``foreach``).
+between the single-tensor, foreach and fused paths. Subclasses supply only their update
+rule, once per tensor (``single``) and once per device/dtype bucket (``foreach``, and
+``fused``, which calls the kernel of :mod:`.fused`).
 
 State protocol (read by ``fljob.trainer.metrics``; ``torch.optim.AdamW`` keeps the same
 keys): for every parameter that has received a gradient, ``optimizer.state[p]`` holds
@@ -17,9 +18,10 @@ Step-dependent scalars (bias corrections, ADOPT's clip value) are computed on th
 these CPU counters; the step never calls ``.item()`` on a device tensor.
 
 Paths, per group: single-tensor (``foreach=False``), foreach (``foreach=True``; the default
-off the CPU), and fused (``fused=True``, CUDA only): one Triton kernel per tensor, see
+off the CPU), and fused (``fused=True``, CUDA only): one Triton launch per bucket, see
 :mod:`.fused`. The fused path is what makes a step cost about what ``torch.optim.AdamW(
-fused=True)`` costs; buckets the kernels cannot take (float64) fall back to foreach.
+fused=True)`` costs (``bench/optimizer_step.py``); buckets the kernel cannot take (float64,
+mixed dtypes, non-contiguous) fall back to foreach.
 """
 
 from __future__ import annotations
