@@ -4,8 +4,9 @@ One muP model and optimizer (torchtitan's train step, as in ``trainer_throughput
 in blocks of steps under these settings, the first being the anchor:
 
 * ``no metrics`` -- the step alone, the host synchronised only at block ends;
-* ``step metrics`` -- what a logged step adds every step: loss and gradient norm read to
-  the host (a synchronisation), device memory statistics, one JSONL record written;
+* ``step metrics`` -- what a logged step adds every step (:class:`StepMetrics`): loss and
+  gradient norm read to the host (a synchronisation), device memory statistics, and the
+  record built by ``fljob_record`` written to the JSONL file and the Prometheus collectors;
 * ``step metrics + optimizer stats every 1 / 10 steps`` -- plus
   :class:`fljob.trainer.metrics.optimizer_stats.OptimizerStats` at that interval;
 * ``optimizer stats every 1 / 10 steps`` -- the statistics alone.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -66,30 +66,72 @@ def step_clock(device: torch.device) -> Callable[[], float]:
     return time.perf_counter if device.type == "cuda" else time.process_time
 
 
-def run_block(step: Callable, steps: int, first: int, device: torch.device, log: bool,
-              stats, sink) -> float:
+class StepMetrics:
+    """What a logged step adds on rank 0, through fljob's own record builder and sinks.
+
+    Loss and gradient norm are read to the host (the synchronisation torchtitan's logging
+    makes), device memory statistics are read, and the record (with the optimizer
+    statistics when the step has them) goes through ``fljob_record`` to the JSONL file and
+    the Prometheus collectors (the exporter's HTTP thread only serves scrapes).
+    """
+
+    def __init__(self, path: Path, optimizer: torch.optim.Optimizer, device: torch.device,
+                 tokens_per_step: int) -> None:
+        from fljob.trainer.metrics.jsonl import JsonlLogger
+        from fljob.trainer.metrics.prometheus import TrainingMetrics
+
+        self.jsonl, self.prometheus = JsonlLogger(path), TrainingMetrics("bench", "bench")
+        self.optimizer, self.device, self.tokens = optimizer, device, tokens_per_step
+        self.seen, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+
+    def log(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+            optimizer_stats: dict[str, float] | None) -> None:
+        from fljob.trainer.metrics.processor import fljob_record
+
+        now = time.perf_counter()
+        step_s, self.last = now - self.last, now
+        self.seen += self.tokens
+        memory = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else 0
+        loss_value = loss.item()
+        metrics = {
+            "loss_metrics/global_avg_loss": loss_value, "loss_metrics/global_max_loss": loss_value,
+            "grad_norm": grad_norm.item(), "throughput(tps)": self.tokens / step_s,
+            "n_tokens_seen": self.seen, "time_metrics/end_to_end(s)": step_s,
+            "time_metrics/data_loading(s)": 0.0, "mfu(%)": 0.0,
+            "memory/max_reserved(GiB)": memory / 2**30, "window/tokens": self.tokens,
+            "window/data_wait_s": 0.0, "window/max_reserved_bytes": memory,
+            **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
+            **(optimizer_stats or {}),
+        }
+        record = fljob_record(metrics, world_size=1, elapsed_s=now - self.start)
+        self.jsonl.log(record, step)
+        self.prometheus.observe(record, step)
+
+
+def run_block(step: Callable, steps: int, first: int, device: torch.device,
+              metrics: StepMetrics | None, stats) -> float:
     """Milliseconds per step over ``steps`` steps numbered from ``first``."""
-    optimizer = stats.optimizer if stats is not None else None
     clock = step_clock(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = clock()
     for number in range(first, first + steps):
+        values: dict[str, float] | None = None
         if stats is not None:
             # The hooks FljobMetricsProcessor.watch registers around optimizer.step().
-            handles = (optimizer.register_step_pre_hook(lambda *_, n=number: stats.before_step(n)),
-                       optimizer.register_step_post_hook(
-                           lambda *_, n=number: stats.after_step(n)))
+            def after(*_: object, n: int = number) -> None:
+                nonlocal values
+                values = stats.after_step(n)
+
+            handles = (stats.optimizer.register_step_pre_hook(
+                           lambda *_, n=number: stats.before_step(n)),
+                       stats.optimizer.register_step_post_hook(after))
         loss, grad_norm = step()
         if stats is not None:
             for handle in handles:
                 handle.remove()
-        if log:
-            record = {"step": number, "loss": loss.item(), "grad_norm": grad_norm.item()}
-            if device.type == "cuda":
-                record["memory_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
+        if metrics is not None:
+            metrics.log(number, loss, grad_norm, values)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (clock() - t0) * 1e3 / steps
@@ -141,17 +183,20 @@ def main() -> None:
         step()
 
     per_step: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "metrics.jsonl", "w") as sink:
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = StepMetrics(Path(tmp) / "metrics.jsonl", optimizer, device,
+                              args.batch * args.seq_len)
         number = 1
         for _ in tqdm(range(args.blocks), desc="blocks"):
             # Settings interleaved block by block, so that drift hits all of them alike.
             for name, (log, interval) in SETTINGS.items():
                 stats = OptimizerStats(optimizer, interval) if interval else None
-                ms = run_block(step, args.steps, number, device, log, stats, sink)
-                per_step[name].append(ms)
+                per_step[name].append(run_block(step, args.steps, number, device,
+                                                metrics if log else None, stats))
                 number += args.steps
                 del stats
                 gc.collect()
+        metrics.jsonl.close()
 
     # One statistics step on its own, against the bare optimizer step it wraps.
     stats = OptimizerStats(optimizer, 1)
