@@ -27,9 +27,17 @@ class FljobTrainer(Trainer):
         self.checkpointer = build_checkpointer(self)  # object storage, commit protocol
         self.preemption = preemption
         self.preempted = False
+        self._started = False
         self.metrics_processor.watch(self.optimizers, lambda: self.step)
 
     def should_continue_training(self) -> bool:
+        if not self._started:  # the first check follows the resume: say why nothing will run
+            self._started = True
+            steps = self.job_config.training.steps
+            if self.step >= steps:
+                logger.warning(f"Resumed at step {self.step}, already training.steps ({steps}): nothing "
+                               "left to train. Raise training.steps to train on, or start over in "
+                               "another run_dir or with checkpoint.resume: false.")
         if not super().should_continue_training():
             return False
         if self.preemption.agreed(self.device):
