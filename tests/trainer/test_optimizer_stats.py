@@ -356,6 +356,7 @@ def worker(rank: int, store: str, out: str) -> None:
     replicated = replicated_run(*replicated_setup(mesh))
     with open(f"{out}/rank{rank}.pkl", "wb") as f:
         pickle.dump({"fsdp": fsdp, "replicated": replicated, "collectives": seen}, f)
+    dist.barrier()  # a rank that tears gloo down while its peer still talks aborts the peer
     dist.destroy_process_group()
 
 
