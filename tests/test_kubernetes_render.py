@@ -88,7 +88,7 @@ def test_render_is_byte_stable_whatever_the_order_of_mappings_in_the_spec() -> N
     other = kubernetes_render.render(load_spec_text(reordered, "b.yaml"))[0].content
     assert first == again
     # the ConfigMap's spec keeps the user's order; everything fljob builds itself is sorted
-    strip = lambda t: [d for d in yaml.safe_load_all(t) if d["kind"] != "ConfigMap"]  # noqa: E731
+    strip = lambda t: [d for d in yaml.safe_load_all(t) if d["kind"] != "ConfigMap"]
     assert yaml.safe_dump_all(strip(first), sort_keys=False) == yaml.safe_dump_all(strip(other), sort_keys=False)
 
 
@@ -152,7 +152,7 @@ def test_metrics_service_and_podmonitor_select_only_the_master_pod_port() -> Non
     replicas = kinds["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]
     master_labels = replicas["Master"]["template"]["metadata"]["labels"]
     worker_labels = replicas["Worker"]["template"]["metadata"]["labels"]
-    selects = lambda sel, labels: all(labels.get(k) == v for k, v in sel.items())  # noqa: E731
+    selects = lambda sel, labels: all(labels.get(k) == v for k, v in sel.items())
     svc, pm = kinds["Service"], kinds["PodMonitor"]
     for selector in (svc["spec"]["selector"], pm["spec"]["selector"]["matchLabels"]):
         assert selects(selector, master_labels) and not selects(selector, worker_labels)

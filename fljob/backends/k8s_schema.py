@@ -18,7 +18,14 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from fljob.spec.models import DNS1035, DNS1123_SUBDOMAIN, ENV_NAME, K8S_QUANTITY, LABEL_KEY, LABEL_VALUE
+from fljob.spec.models import (
+    DNS1035,
+    DNS1123_SUBDOMAIN,
+    ENV_NAME,
+    K8S_QUANTITY,
+    LABEL_KEY,
+    LABEL_VALUE,
+)
 
 CONTAINER_NAME = "pytorch"  # the webhook requires a container of this name in every replica
 REPLICA_TYPES = ("Master", "Worker")

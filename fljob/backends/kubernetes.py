@@ -73,7 +73,7 @@ def _run(argv: list[str]) -> str:
     """Run kubectl and return its stdout, or raise KubectlError with what it said."""
     try:
         # stdin closed: kubectl must never stop to prompt for a user name or password.
-        done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
     except FileNotFoundError:
         raise _not_installed() from None
     if done.returncode != 0:

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +87,8 @@ def _slurm_error(tool: str, stderr: str, action: str, hint: str = "") -> UsageEr
 @contextlib.contextmanager
 def _captured_fd2() -> Iterator[io.StringIO]:
     """Keep what child processes write to fd 2 (submitit lets sacct's stderr through) off the terminal."""
-    import logging  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
+    import logging
+    import tempfile
 
     box = io.StringIO()
     sys.stderr.flush()
@@ -150,7 +150,7 @@ def _job_id(handle: Handle) -> str:
 
 
 def _submitit() -> Any:
-    import submitit  # noqa: PLC0415  (only the commands that act need it)
+    import submitit  # only the commands that act need it
 
     return submitit
 
@@ -158,7 +158,7 @@ def _submitit() -> Any:
 @functools.cache
 def _sacct_watcher_class() -> type:
     """submitit's SlurmInfoWatcher, asking sacct for the exit code and elapsed time too."""
-    from submitit.slurm.slurm import SlurmInfoWatcher  # noqa: PLC0415
+    from submitit.slurm.slurm import SlurmInfoWatcher
 
     class SacctWatcher(SlurmInfoWatcher):
         def _make_command(self) -> list[str] | None:
@@ -295,7 +295,7 @@ def submit(spec: JobSpec, task: Task = "train", dry_run: bool = False) -> Handle
         "submitted_copy": str(job.paths.submission_file),
         "workdir": str(Path.cwd()),
         "slurm_conf": os.environ.get("SLURM_CONF"),
-        "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "submitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
     })
     print(f"fljob: submitted {spec.name} as SLURM job {job_id}; log {log}", file=sys.stderr)
     return Handle("slurm", job_id)

@@ -21,7 +21,7 @@ import pytest
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 HOOK_DIR = Path(__file__).resolve().parent / "worker_hook"
-HANDLE = re.compile(r"^slurm://(\d+)$", re.M)
+HANDLE = re.compile(r"^slurm://(\d+)$", re.MULTILINE)
 
 
 def _free_port() -> int:

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("torchtitan")
 
-from fljob.spec.models import JobSpec  # noqa: E402
-from fljob.trainer.job_config import (  # noqa: E402
+from fljob.spec.models import JobSpec
+from fljob.trainer.job_config import (
     TRAIN_SPEC_NAME,
     FljobJobConfig,
     build_job_config,
