@@ -206,6 +206,9 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def _add_mup_parser(sub: argparse._SubParsersAction) -> None:
+    # Every command but `launch` (dispatched before the parser exists) loads the spec anyway.
+    from fljob.spec.models import OPTIMIZER_NAMES
+
     mup = sub.add_parser("mup", help="muP tools: the coordinate check")
     mup_sub = mup.add_subparsers(dest="mup_command", required=True, metavar="SUBCOMMAND")
     p = mup_sub.add_parser(
@@ -220,7 +223,7 @@ def _add_mup_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated model widths; multiples of the flavor's head_dim "
                         "(default: 64,128,256,512,1024)")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per width (default: 5)")
-    p.add_argument("--optimizer", choices=("adopt", "qhadamw", "qhadopt", "decoupled_adamw", "adamw"),
+    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES,
                    help="optimizer (default: the spec's)")
     p.add_argument("-o", "--output", type=Path, default=Path("coord_check.png"),
                    help="PNG to write; the raw numbers go beside it as .json (default: coord_check.png)")

@@ -10,7 +10,7 @@ Conventions that keep the spec safe to render into shell scripts and manifests:
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -29,7 +29,8 @@ LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # The suffixes the renderers append to `name`; every derived object name must stay within 63.
 DERIVED_NAME_SUFFIXES = ("-spec", "-metrics", "-master-0", "-worker-99")
 
-OPTIMIZER_NAMES = ("adopt", "qhadamw", "qhadopt", "decoupled_adamw", "adamw")
+OptimizerName = Literal["adopt", "qhadamw", "qhadopt", "decoupled_adamw", "adamw"]
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 
 
 class Strict(BaseModel):
@@ -334,7 +335,7 @@ class ModelSpec(Strict):
 
 
 class Optimizer(Strict):
-    name: Literal["adopt", "qhadamw", "qhadopt", "decoupled_adamw", "adamw"] = "adamw"
+    name: OptimizerName = "adamw"
     lr: float = Field(3e-3, gt=0, description="Base learning rate at the base width; muP groups scale it.")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,27 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port, port_free
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _which(binary: str) -> str | None:
     return shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/usr/bin:/sbin:/bin")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -84,7 +69,7 @@ class ServerScript:
         reuse = bool(given) and self.run(env, "status", check=False).returncode == 0
         if not reuse:
             for name, default in self.ports.items():
-                env.setdefault(name, str(default if _port_free(default) else _free_port()))
+                env.setdefault(name, str(default if port_free(default) else free_port()))
             t0 = time.monotonic()
             self.run(env, "start")
             sys.stderr.write(f"\n[{self.name}] started in {env[self.dir_var]} in {time.monotonic() - t0:.1f} s\n")

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import free_port
 
 pytest.importorskip("torchtitan", reason="torchtitan (the trainer extra) is not installed")
 
@@ -49,12 +49,6 @@ AMBIENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "A
            "S3_ENDPOINT_URL", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Where:
@@ -128,7 +122,7 @@ def write_spec(tmp_path: Path, where: Where, name: str, *, steps: int, interval:
         "schedule": {"warmup_steps": 3},
         "training": {"steps": steps, "local_batch_size": 4, "seq_len": 32, "device": "cpu"},
         "checkpoint": {"uri": where.uri, "interval_steps": interval, "keep_latest": keep},
-        "metrics": {"port": _free_port()},
+        "metrics": {"port": free_port()},
         **where.storage(),
     }
     path = tmp_path / f"{name}.yaml"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ports import free_port
 
 pytest.importorskip("torchtitan")
 
@@ -23,12 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 SEQ = 32
 S3_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fljob(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -115,7 +109,7 @@ def test_fljob_train_from_s3_with_referenced_credentials(s3_server, s3_dataset,
         "storage": {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region,
                     "access_key_id": {"env": "FLJOB_TEST_S3_KEY"},
                     "secret_access_key": {"env": "FLJOB_TEST_S3_SECRET"}},
-        "metrics": {"enabled": False, "port": _free_port()},
+        "metrics": {"enabled": False, "port": free_port()},
     }))
     env = {**_bare_env(), "FLJOB_TEST_S3_KEY": s3_server.access_key_id,
            "FLJOB_TEST_S3_SECRET": s3_server.secret_access_key}
@@ -155,7 +149,7 @@ def test_prepare_with_a_wrong_secret_or_endpoint_exits_2(s3_server, tmp_path: Pa
     assert "fljob-wrong-secret-91b3" not in result.stderr and "Traceback" not in result.stderr
 
     result = fljob("data", "prepare", "builtin:pydoc", f"s3://{s3_server.bucket}/x", "--no-progress",
-                   "--endpoint-url", f"http://127.0.0.1:{_free_port()}", env=_server_env(s3_server))
+                   "--endpoint-url", f"http://127.0.0.1:{free_port()}", env=_server_env(s3_server))
     assert result.returncode == 2 and "cannot reach the S3 endpoint" in result.stderr
 
 
@@ -181,7 +175,7 @@ def test_resume_from_s3_continues_the_s3_stream_bitwise(s3_server, s3_dataset,
             "storage": {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region,
                         "access_key_id": {"env": "FLJOB_TEST_S3_KEY"},
                         "secret_access_key": {"env": "FLJOB_TEST_S3_SECRET"}},
-            "metrics": {"enabled": False, "port": _free_port()},
+            "metrics": {"enabled": False, "port": free_port()},
         }))
         result = fljob("submit", "--backend", "local", str(spec), env=env)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -199,7 +193,7 @@ def test_fljob_train_with_an_unreachable_endpoint_or_wrong_secret_exits_2(
         s3_server, s3_dataset, tmp_path: Path) -> None:
     uri, _ = s3_dataset
     for endpoint, secret, needle in (
-            (f"http://127.0.0.1:{_free_port()}", s3_server.secret_access_key, "cannot reach"),
+            (f"http://127.0.0.1:{free_port()}", s3_server.secret_access_key, "cannot reach"),
             (s3_server.endpoint_url, "fljob-wrong-secret-77aa", "refused access")):
         spec = tmp_path / "spec.yaml"
         spec.write_text(json.dumps({
@@ -208,7 +202,7 @@ def test_fljob_train_with_an_unreachable_endpoint_or_wrong_secret_exits_2(
             "storage": {"endpoint_url": endpoint,
                         "access_key_id": {"env": "FLJOB_TEST_S3_KEY"},
                         "secret_access_key": {"env": "FLJOB_TEST_S3_SECRET"}},
-            "metrics": {"enabled": False, "port": _free_port()},
+            "metrics": {"enabled": False, "port": free_port()},
         }))
         env = {**_bare_env(), "FLJOB_TEST_S3_KEY": s3_server.access_key_id,
                "FLJOB_TEST_S3_SECRET": secret}

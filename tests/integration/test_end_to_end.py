@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ports import free_port
 
 pytest.importorskip("torchtitan")
 pytestmark = pytest.mark.slow
@@ -36,12 +36,6 @@ SEQ = 32
 STEPS = 36
 INTERVAL = 4
 KEY_VAR, SECRET_VAR = "FLJOB_E2E_S3_KEY", "FLJOB_E2E_S3_SECRET"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fljob(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -85,13 +79,13 @@ def _spec(tmp: Path, name: str, dataset: str, s3_server, prometheus_stack) -> Pa
         "run_dir": str(tmp / name),
         "resources": {"nodes": 1, "procs_per_node": 2},
         "slurm": {"time": "00:15:00", "max_restarts": 2, "signal": "USR2", "grace_seconds": 30,
-                  "rdzv_port": _free_port()},
+                  "rdzv_port": free_port()},
         "training": {"steps": STEPS, "local_batch_size": 2, "seq_len": SEQ, "log_interval": 1},
         "schedule": {"warmup_steps": 4},
         "data": {"streams": [{"uri": dataset}], "tokenizer": f"{dataset}/tokenizer.json"},
         "checkpoint": {"uri": f"s3://{s3_server.bucket}/e2e-{uuid.uuid4().hex[:8]}/{name}",
                        "interval_steps": INTERVAL, "keep_latest": 2},
-        "metrics": {"port": _free_port(), "optimizer_interval": 4,
+        "metrics": {"port": free_port(), "optimizer_interval": 4,
                     "file_sd_dir": str(prometheus_stack["targets"])},
         "storage": {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region,
                     "access_key_id": {"env": KEY_VAR}, "secret_access_key": {"env": SECRET_VAR}},
@@ -202,4 +196,3 @@ def test_slurm_s3_prometheus_preemption_and_hard_kill(slurm_cluster, s3_server, 
     run_ids = {s["metric"]["run_id"] for s in series}
     assert {job_id, second_id} <= run_ids, run_ids
     assert max(float(v) for s in series for _, v in s["values"]) == STEPS
-

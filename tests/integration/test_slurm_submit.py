@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 HOOK_DIR = Path(__file__).resolve().parent / "worker_hook"
 HANDLE = re.compile(r"^slurm://(\d+)$", re.MULTILINE)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -49,7 +43,7 @@ class Cluster:
         return self.run("fljob", *args, **kw)
 
     def spec(self, name: str, **slurm: object) -> Path:
-        fields = {"rdzv_port": _free_port(), "time": "00:10:00", **slurm}
+        fields = {"rdzv_port": free_port(), "time": "00:10:00", **slurm}
         text = (f"name: {name}\n"
                 "resources: {nodes: 1, procs_per_node: 2}\n"
                 f"slurm: {json.dumps(fields)}\n")

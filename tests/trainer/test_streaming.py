@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ports import free_port
 
 pytest.importorskip("torchtitan")
 
@@ -169,16 +169,10 @@ def _shard_worker(rank: int, world: int, port: int, dest: str, cache: str, out: 
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_dp_ranks_disjoint_and_tp_peers_identical(tmp_path: Path) -> None:
     """World 4 = 2 data-parallel ranks x TP 2, as torchtitan lays out its mesh."""
     dest = _prepare(tmp_path, "alpha", docs=30)
-    mp.spawn(_shard_worker, args=(4, _free_port(), str(dest), str(tmp_path / "cache"),
+    mp.spawn(_shard_worker, args=(4, free_port(), str(dest), str(tmp_path / "cache"),
                                   str(tmp_path)), nprocs=4, join=True)
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     assert rows[0] == rows[1] and rows[2] == rows[3]  # TP peers see the same samples
@@ -271,7 +265,7 @@ def test_cli_bad_input_exits_2_without_a_complete_dataset(tmp_path: Path, case: 
         args, needle = [str(src), str(dest)], "--overwrite"
     else:
         args, needle = [str(src), "s3://bucket/x", "--endpoint-url",
-                        f"http://127.0.0.1:{_free_port()}"], "cannot reach the S3 endpoint"
+                        f"http://127.0.0.1:{free_port()}"], "cannot reach the S3 endpoint"
         env = {"AWS_ACCESS_KEY_ID": "fljob-test-id", "AWS_SECRET_ACCESS_KEY": "fljob-test-secret"}
     result = fljob("data", "prepare", *args, "--seq-len", str(SEQ), "--vocab-size", str(VOCAB),
                    "--no-progress", env=env)
@@ -292,7 +286,7 @@ def _stream_spec(tmp: Path, uri: str, seq_len: int = SEQ, batch: int = 2) -> Pat
         "name": "stream-test", "run_dir": str(tmp / "run"),
         "training": {"steps": 3, "local_batch_size": batch, "seq_len": seq_len},
         "data": {"streams": [{"uri": uri}]},
-        "metrics": {"enabled": False, "port": _free_port()},
+        "metrics": {"enabled": False, "port": free_port()},
     }))
     return spec
 
@@ -341,7 +335,7 @@ def test_resume_from_a_checkpoint_continues_the_stream_bitwise(tmp_path: Path) -
             "training": {"steps": steps, "local_batch_size": 2, "seq_len": SEQ},
             "schedule": {"decay_ratio": 0.01},
             "data": {"streams": [{"uri": str(dest)}]},
-            "metrics": {"enabled": False, "port": _free_port()},
+            "metrics": {"enabled": False, "port": free_port()},
         }))
         result = fljob("submit", "--backend", "local", str(spec))
         assert result.returncode == 0, result.stderr[-3000:]

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from statistics import mean
 from typing import Any
 
 import pytest
+from ports import free_port
 
 pytest.importorskip("torchtitan", reason="torchtitan (the trainer extra) is not installed")
 
@@ -44,12 +44,6 @@ STAT_KEYS = {"param_norm", "grad_norm", "grad_max_abs", "update_norm", "update_r
              "exp_avg_norm", "exp_avg_sq_sqrt_norm"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_spec(tmp_path: Path, optimizer: str, procs: int, steps: int = STEPS) -> Path:
     """A tiny-flavor spec whose run folder is ``tmp_path/run``."""
     spec = {
@@ -60,7 +54,7 @@ def write_spec(tmp_path: Path, optimizer: str, procs: int, steps: int = STEPS) -
         "optimizer": {"name": optimizer, "lr": 3e-3},
         "schedule": {"warmup_steps": 5},
         "training": {"steps": steps, "local_batch_size": 4, "seq_len": 32, "device": "cpu"},
-        "metrics": {"optimizer_interval": OPTIMIZER_INTERVAL, "port": _free_port()},
+        "metrics": {"optimizer_interval": OPTIMIZER_INTERVAL, "port": free_port()},
     }
     path = tmp_path / "spec.yaml"
     path.write_text(json.dumps(spec))  # JSON is YAML
