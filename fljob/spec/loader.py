@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,16 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{err['msg']} (got {err.get('input')!r}); fix the value."
 
 
+def validation_problems(exc: ValidationError, origin_of: Callable[[Loc], str],
+                        prefix: str = "") -> list[Problem]:
+    """pydantic's errors as Problems: each placed by ``origin_of(loc)``, its message prefixed."""
+    problems = []
+    for err in exc.errors():
+        loc = _field_loc(tuple(err["loc"]))
+        problems.append(Problem(origin_of(loc), _dotted(loc), prefix + _describe({**err, "loc": loc})))
+    return problems
+
+
 def _origin(loc: Loc, positions: dict[Loc, str], source: str) -> str:
     for n in range(len(loc), -1, -1):
         if loc[:n] in positions:
@@ -262,10 +273,7 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = (),
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = _field_loc(tuple(err["loc"]))
-            problems.append(Problem(_origin(loc, positions, source), _dotted(loc), _describe({**err, "loc": loc})))
+        problems = validation_problems(exc, lambda loc: _origin(loc, positions, source))
         problems.sort(key=lambda p: _line_col(p.origin))
         raise SpecError(source, problems) from None
     spec._origins = {"": source, **{_dotted(loc): where for loc, where in positions.items() if loc}}

@@ -9,8 +9,9 @@ Conventions that keep the spec safe to render into shell scripts and manifests:
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -320,6 +321,12 @@ class ModelSpec(Strict):
     depth_alpha_exp: float = Field(1.0, ge=0, le=1, description="CompleteP residual scaling exponent.")
     init_std: float = Field(0.02, gt=0)
     tie_embeddings: bool = False
+    width: int | None = Field(
+        None, ge=8, description="Model width (dim), overriding the flavor's; heads follow from its "
+        "head_dim, the FFN width from its rule. muP's m stays relative to the base width (256).")
+    depth: int | None = Field(
+        None, ge=1, le=1024, description="Number of blocks, overriding the flavor's; muP's L stays "
+        "relative to the base depth (4).")
 
     @field_validator("flavor")
     @classmethod
@@ -332,6 +339,18 @@ class ModelSpec(Strict):
         hint = f" The nearest in size is {close!r}." if close else ""
         raise ValueError(f"unknown model flavor {v!r}.{hint} Use one of: tiny, {', '.join(FLAVORS)} "
                          "(named by their real parameter count)")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ModelSpec:
+        from fljob.trainer.model.flavors import FLAVORS, TINY_FLAVOR, with_shape  # torch-free
+
+        if self.width is not None or self.depth is not None:
+            flavor = FLAVORS[TINY_FLAVOR if self.flavor == "tiny" else self.flavor]
+            try:
+                with_shape(flavor, width=self.width, depth=self.depth)
+            except ValueError as exc:
+                raise ValueError(f"model.width: {exc} (flavor {self.flavor!r})") from None
+        return self
 
 
 class Optimizer(Strict):
@@ -375,6 +394,12 @@ class Training(Strict):
     deterministic: bool = False
     log_interval: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    validation_interval: int | None = Field(
+        None, ge=1, description="Steps between held-out evaluations (also after the last step); "
+        "unset: none. Evaluates on data.validation, or on the bundled text's held-out split.")
+    validation_batches: int = Field(
+        8, ge=1, description="Batches per evaluation (of local_batch_size x seq_len per data-parallel "
+        "rank): the same held-out batches every time, so evaluations compare.")
 
 
 class Parallelism(Strict):
@@ -400,6 +425,12 @@ class Data(Strict):
         default_factory=list,
         description="MDS streams; empty trains on the bundled text, prepared into run_dir/data.",
     )
+    validation: list[DataStream] = Field(
+        default_factory=list,
+        description="Held-out MDS streams for training.validation_interval (`fljob data prepare "
+                    "--validation-fraction` writes them); empty with the bundled text uses its "
+                    "held-out split.",
+    )
     tokenizer: str | None = Field(None, description="tokenizer.json path or URI; unset trains a small BPE.")
     shuffle_seed: int = 9176
     predownload: int | None = Field(None, ge=1)
@@ -409,10 +440,14 @@ class Data(Strict):
 
     @model_validator(mode="after")
     def _proportions(self) -> Data:
-        given = [s.proportion is not None for s in self.streams]
-        if any(given) and not all(given):
-            raise ValueError("give every stream a proportion, or none (then each stream "
-                             "contributes all its samples once per epoch)")
+        for streams in (self.streams, self.validation):
+            given = [s.proportion is not None for s in streams]
+            if any(given) and not all(given):
+                raise ValueError("give every stream a proportion, or none (then each stream "
+                                 "contributes all its samples once per epoch)")
+        if self.validation and not self.streams:
+            raise ValueError("data.validation needs data.streams: the bundled text brings its own "
+                             "held-out split (remove data.validation, or add the training streams)")
         return self
 
 
@@ -476,6 +511,89 @@ class Storage(Strict):
         return {k: v for k, v in named.items() if v is not None}
 
 
+# --------------------------------------------------------------------------- sweeps
+
+
+# What a sweep may vary: how the model trains. How it is launched (resources, image, env, the
+# cluster sections) is one batch script / one pod template for every trial.
+SWEEPABLE_SECTIONS = ("model", "optimizer", "schedule", "training", "data", "checkpoint", "metrics",
+                      "parallelism")
+# Fields fljob derives per trial.
+UNSWEEPABLE_FIELDS = ("checkpoint.uri", "metrics.file_sd_dir")
+NAME_FORMAT_FIELDS = ("name", "index")
+
+
+def grid_field_aliases(keys: list[str]) -> dict[str, str]:
+    """name_format placeholders for grid keys: the last path segment ('lr' for 'optimizer.lr')
+    where no other key ends the same, and always the whole path with '_' for '.'."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    aliases = {k.replace(".", "_"): k for k in keys}
+    aliases.update({tail: k for tail, k in zip(last, keys, strict=True) if last.count(tail) == 1})
+    return aliases
+
+
+class Sweep(Strict):
+    """A grid of trials: the spec around it with each combination of the grid's values."""
+
+    grid: dict[str, list[Any]] = Field(
+        description="Field path -> the values to try, e.g. {optimizer.lr: [1e-3, 2e-3], model.width: "
+                    "[128, 256]}; every combination is one trial (the last key varies fastest).")
+    name_format: str = Field(
+        "{name}-{index}",
+        description="Trial name: {name}, {index} and grid fields by their last path segment ({lr}, "
+                    "{width}) or whole path with '_' ({optimizer_lr}); made a DNS-1035 label.")
+    parallel: int = Field(1, ge=1, le=10000, description="How many trials run at once.")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not v:
+            raise ValueError("sweep.grid needs at least one field, e.g. {optimizer.lr: [0.001, 0.002]}")
+        for key, values in v.items():
+            parts = key.split(".")
+            if not all(parts) or parts[0] not in SWEEPABLE_SECTIONS or key in UNSWEEPABLE_FIELDS \
+                    or any(key.startswith(f"{f}.") for f in UNSWEEPABLE_FIELDS):
+                raise ValueError(
+                    f"sweep.grid key {key!r} cannot vary between trials: sweep fields under "
+                    f"{', '.join(SWEEPABLE_SECTIONS)} (not {', '.join(UNSWEEPABLE_FIELDS)}, which "
+                    "fljob sets per trial); how a job is launched is the same for every trial")
+            if not values:
+                raise ValueError(f"sweep.grid.{key} has no values; give at least one")
+            if len({repr(x) for x in values}) != len(values):
+                raise ValueError(f"sweep.grid.{key} repeats a value: {values}")
+        return v
+
+    @model_validator(mode="after")
+    def _name_format(self) -> Sweep:
+        import string
+
+        known = {*NAME_FORMAT_FIELDS, *grid_field_aliases(list(self.grid))}
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.name_format) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"sweep.name_format {self.name_format!r}: {exc}") from None
+        unknown = [f for f in fields if f not in known]
+        if unknown or "index" not in fields and not set(fields) & set(grid_field_aliases(list(self.grid))):
+            raise ValueError(
+                f"sweep.name_format {self.name_format!r} must name each trial apart with "
+                f"{{index}} or grid fields, from: {', '.join(sorted(known))}"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        return self
+
+    @property
+    def size(self) -> int:
+        return math.prod(len(values) for values in self.grid.values())
+
+
+class TrialInfo(Strict):
+    """Set by fljob in each trial's resolved spec: which sweep, which trial, what it changed."""
+
+    sweep: str
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -505,6 +623,10 @@ class JobSpec(Strict):
     secret_env: dict[str, SecretRef] = Field(
         default_factory=dict, description="Environment variables whose values come from secret references."
     )
+    sweep: Sweep | None = Field(
+        None, description="Run a grid of trials instead of one job (fljob submit runs them all; "
+                          "fljob sweep report compares them).")
+    trial: TrialInfo | None = Field(None, description="Set by fljob in the spec of a sweep's trial.")
 
     @field_validator("name")
     @classmethod
@@ -542,6 +664,12 @@ class JobSpec(Strict):
         overlap = set(self.env) & (set(self.secret_env) | set(self.storage.credential_refs()))
         if overlap:
             raise ValueError(f"env sets {sorted(overlap)}, which a secret reference also sets; keep one")
+        if self.sweep is not None and self.trial is not None:
+            raise ValueError("a spec is a sweep or one of its trials, not both: remove trial")
+        if self.training.validation_interval and self.data.streams and not self.data.validation:
+            raise ValueError(
+                "training.validation_interval needs held-out data: add data.validation streams "
+                "(`fljob data prepare --validation-fraction` writes them), or unset the interval")
         tp = self.parallelism.tensor_parallel_degree
         world = self.resources.nodes * self.resources.nproc_per_node
         if world % tp:

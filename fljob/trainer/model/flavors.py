@@ -78,16 +78,46 @@ def get_flavor(name: str, **overrides: object) -> ModelArgs:
     return dataclasses.replace(args, **overrides)
 
 
+def with_shape(args: ModelArgs, *, width: int | None = None, depth: int | None = None) -> ModelArgs:
+    """``args`` at another width and/or depth, with the muP base shape unchanged.
+
+    The width keeps the flavor's ``head_dim`` and query:KV head ratio (the head count
+    follows) and its FFN rule (``ffn_ratio`` rounded up to ``ffn_multiple_of``); ``m`` and
+    ``L`` stay relative to ``base_dim``/``base_depth``. ValueError names a width the heads
+    cannot make.
+    """
+    changes: dict[str, object] = {}
+    if width is not None and width != args.dim:
+        head_dim = args.head_dim
+        if width <= 0 or width % head_dim:
+            raise ValueError(f"width {width} is not a positive multiple of the flavor's head_dim "
+                             f"{head_dim}")
+        n_heads = width // head_dim
+        kv_heads, rest = divmod(n_heads * args.kv_heads, args.n_heads)
+        if rest or kv_heads == 0:
+            raise ValueError(f"width {width} gives {n_heads} heads, which cannot keep the flavor's "
+                             f"{args.n_heads}:{args.kv_heads} query:KV head ratio; use a multiple "
+                             f"of {head_dim * args.n_heads // math.gcd(args.n_heads, args.kv_heads)}")
+        changes.update(dim=width, n_heads=n_heads, n_kv_heads=None if kv_heads == n_heads else kv_heads)
+    if depth is not None:
+        if depth <= 0:
+            raise ValueError(f"depth must be positive, got {depth}")
+        changes["n_layers"] = depth
+    return dataclasses.replace(args, **changes) if changes else dataclasses.replace(args)
+
+
 def flavor_name(spec: JobSpec) -> str:
     """The spec's flavor; "tiny" (the spec's default) names the smallest registered one."""
     return TINY_FLAVOR if spec.model.flavor == "tiny" else spec.model.flavor
 
 
 def args_for_spec(spec: JobSpec, vocab_size: int) -> ModelArgs:
-    """The flavor's arguments with the spec's muP settings and the tokenizer's vocabulary."""
+    """The flavor's arguments at the spec's width and depth, with its muP settings and the
+    tokenizer's vocabulary."""
     m = spec.model
-    return get_flavor(
-        flavor_name(spec),
+    shaped = with_shape(get_flavor(flavor_name(spec)), width=m.width, depth=m.depth)
+    return dataclasses.replace(
+        shaped,
         vocab_size=vocab_size,
         mup_enabled=m.mup,
         attn_scaling=m.attention_scale,
