@@ -4,7 +4,6 @@ REQUEUE is EX_TEMPFAIL from sysexits.h: "try again later". The trainer exits wit
 pre-kill signal once its checkpoint is committed; the SLURM trailer requeues only for it, and
 the Kubernetes restart policy treats it as retryable.
 
-
 DIVERGED is the trainer's "the loss or gradient norm became NaN/inf": it stopped without
 committing that state. Nothing is retried (a rerun would diverge again); in a sweep it is an
 outcome (this learning rate is too high), not a failure.
