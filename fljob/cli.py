@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from fljob import __version__
+from fljob.backends.base import BACKEND_NAMES
 from fljob.errors import JobFailed, UsageError
 from fljob.exitcodes import USAGE
-
-BACKENDS = ("local", "slurm", "k8s")
 
 EPILOG = """\
 a spec is one YAML file; every field has a default except `name`:
@@ -54,7 +53,7 @@ def _add_spec_args(p: argparse.ArgumentParser, site: bool = True, required: bool
 
 
 def _add_backend_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--backend", "-b", choices=BACKENDS, default=default, required=default is None,
+    p.add_argument("--backend", "-b", choices=BACKEND_NAMES, default=default, required=default is None,
                    help="where the job runs" + (f" (default: {default})" if default else ""))
 
 
@@ -71,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a spec; exit 2 with every problem, each with line:col and a fix")
     _add_spec_args(p)
-    p.add_argument("--backend", "-b", choices=BACKENDS, help="also check what this backend needs")
+    p.add_argument("--backend", "-b", choices=BACKEND_NAMES,
+                   help="also run every check that render, submit and the trainer would run for this "
+                        "backend (a sweep: for every trial)")
     p.add_argument("--print", dest="print_spec", action="store_true", help="print the resolved spec")
 
     p = sub.add_parser("render", help="write the exact artifacts a submit would send, without sending them")
@@ -90,11 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doctor", action="store_true",
                    help="run the distributed preflight instead of training: every rank joins the process "
                         "group through the real rendezvous and all-reduces")
-    p.add_argument("--dry-run", action="store_true", help="show what would be run, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show the files submit would write and the command it would run; write and run nothing")
 
-    for name, text in (("status", "show a job's state"), ("cancel", "stop a job")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("handle", help="slurm://<jobid>, k8s://<namespace>/<name> or local://<run dir>")
+    p = sub.add_parser("status", help="show a job's state (a sweep: a table of its trials)",
+                       description="The same form for every backend: `<handle> <STATE> key=value ...`, STATE "
+                                   "one of PENDING RUNNING REQUEUED COMPLETED FAILED CANCELLED PREEMPTED "
+                                   "DIVERGED UNKNOWN (native= keeps the cluster's own word). A sweep prints "
+                                   "a head line and one row per trial.")
+    p.add_argument("handle", help="slurm://<jobid>, k8s://<namespace>/<name> or local://<run dir>")
+    p.add_argument("--json", action="store_true", help="print the status as JSON, for scripts")
+    p = sub.add_parser("cancel", help="stop a job (the trainer checkpoints first where the backend allows)")
+    p.add_argument("handle", help="slurm://<jobid>, k8s://<namespace>/<name> or local://<run dir>")
     p = sub.add_parser("logs", help="print a job's output")
     p.add_argument("handle", help="slurm://<jobid>, k8s://<namespace>/<name> or local://<run dir>")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing as the job writes")
@@ -313,35 +321,32 @@ def _load(args: argparse.Namespace):
     return load_spec(args.spec, args.overrides, args.site)
 
 
-def _renderer(backend: str):
-    if backend == "slurm":
-        from fljob.backends import slurm_render as mod
-    elif backend == "k8s":
-        from fljob.backends import kubernetes_render as mod
-    else:
-        from fljob.backends import local as mod
-    return mod
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = _load(args)
     if args.backend:
-        _renderer(args.backend).check(spec)
+        from fljob import backends
+
+        backends.get(args.backend).check(spec)
     if args.print_spec:
         from fljob.spec import dump_spec
 
         sys.stdout.write(dump_spec(spec))
-    else:
-        print(f"{args.spec}: ok ({spec.name}, {spec.model.flavor}, {spec.optimizer.name}, "
-              f"{spec.world_size} process{'es' if spec.world_size > 1 else ''})")
+        return 0
+    what = f"{spec.name}, {spec.model.flavor}, {spec.optimizer.name}, " \
+           f"{spec.world_size} process{'es' if spec.world_size > 1 else ''}"
+    if spec.sweep is not None:
+        from fljob.spec.sweep import expand
+
+        what += f", a sweep of {len(expand(spec))} trials"
+    print(f"{args.spec}: ok ({what})")
     return 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from fljob import backends
+
     spec = _load(args)
-    mod = _renderer(args.backend)
-    mod.check(spec)
-    files = mod.render(spec, task="doctor" if args.doctor else "train")
+    files = backends.get(args.backend).render(spec, task="doctor" if args.doctor else "train")
     if str(args.output) == "-":
         for f in files:
             sys.stdout.write(f"# ---- {f.name}\n{f.content}")

@@ -1,63 +1,75 @@
 """The commands that act: submit, status, logs, cancel, train, doctor.
 
 Kept apart from cli.py so that `fljob validate/render/schema` never import submitit, torch or
-the backends' I/O code.
+the backends' I/O code; this module never imports cli.py (the parser lives there).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import sys
-from types import ModuleType
 
+from fljob import backends
 from fljob.backends.base import Handle
 from fljob.spec import load_spec
 
-BACKEND_MODULES = {"slurm": "fljob.backends.slurm", "k8s": "fljob.backends.kubernetes", "local": "fljob.backends.local"}
+
+def submit(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides, args.site)
+    backend = backends.get(args.backend)
+    plan = backend.plan(spec, task="doctor" if args.doctor else "train")
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    print(backend.submit(plan))
+    return 0
 
 
-def backend(name: str) -> ModuleType:
-    return importlib.import_module(BACKEND_MODULES[name])
+def status(args: argparse.Namespace) -> int:
+    handle = Handle.parse(args.handle)
+    found = backends.for_handle(handle).status(handle)
+    print(json.dumps(found.to_json(), indent=1) if args.json else found.line())
+    return 0
+
+
+def logs(args: argparse.Namespace) -> int:
+    handle = Handle.parse(args.handle)
+    for chunk in backends.for_handle(handle).logs(handle, follow=args.follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+def cancel(args: argparse.Namespace) -> int:
+    handle = Handle.parse(args.handle)
+    backends.for_handle(handle).cancel(handle)
+    print(f"{handle}: cancel requested")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from fljob.trainer.train import main as train_main
+
+    return train_main(load_spec(args.spec, args.overrides))
+
+
+def doctor(args: argparse.Namespace) -> int:
+    if args.distributed:
+        from fljob.trainer.doctor_distributed import main as doctor_distributed
+
+        return doctor_distributed()
+    from fljob.doctor import main as doctor_main
+
+    spec = load_spec(args.spec, args.overrides, args.site) if args.spec else None
+    if spec is not None:  # what `submit` would reject is a bad spec (exit 2), not a failed check
+        backends.get(args.backend).check(spec)
+    return doctor_main(spec, args.backend)
+
+
+COMMANDS = {"submit": submit, "status": status, "logs": logs, "cancel": cancel, "train": train,
+            "doctor": doctor}
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.command == "submit":
-        spec = load_spec(args.spec, args.overrides, args.site)
-        handle = backend(args.backend).submit(
-            spec, task="doctor" if args.doctor else "train", dry_run=args.dry_run
-        )
-        if handle is not None:
-            print(handle)
-        return 0
-    if args.command in ("status", "logs", "cancel"):
-        handle = Handle.parse(args.handle)
-        mod = backend(handle.backend)
-        if args.command == "status":
-            print(mod.status(handle))
-        elif args.command == "logs":
-            for chunk in mod.logs(handle, follow=args.follow):
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-        else:
-            mod.cancel(handle)
-            print(f"{handle}: cancel requested")
-        return 0
-    if args.command == "train":
-        from fljob.trainer.train import main as train
-
-        return train(load_spec(args.spec, args.overrides))
-    if args.command == "doctor":
-        if args.distributed:
-            from fljob.trainer.doctor_distributed import main as doctor_distributed
-
-            return doctor_distributed()
-        from fljob.doctor import main as doctor
-
-        spec = load_spec(args.spec, args.overrides, args.site) if args.spec else None
-        if spec is not None:  # what `submit` would reject is a bad spec (exit 2), not a failed check
-            from fljob.cli import _renderer
-
-            _renderer(args.backend).check(spec)
-        return doctor(spec, args.backend)
-    raise AssertionError(f"unhandled command {args.command}")
+    return COMMANDS[args.command](args)

@@ -11,3 +11,12 @@ class JobFailed(Exception):
     def __init__(self, exit_code: int, message: str):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def elide(text: object, limit: int = 160) -> str:
+    """``text`` for a one-line message: its middle replaced by '...' beyond ``limit`` characters."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = (limit - 3) // 2
+    return f"{text[:keep]}...{text[-keep:]}"

@@ -62,7 +62,7 @@ class RunSummary:
         except ValueError as exc:
             raise ValueError(f"not JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
+            raise ValueError("not a JSON object")  # noqa: TRY004  (callers catch ValueError: a bad file)
         missing = [name for name in REQUIRED if name not in data]
         if missing:
             raise ValueError(f"missing fields: {', '.join(missing)}")

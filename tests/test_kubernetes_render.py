@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import os
 import shutil
 import signal
@@ -196,8 +197,8 @@ def test_doctor_task_runs_the_distributed_preflight() -> None:
     ({"secret_env": {"HF_TOKEN": {"env": "HF_TOKEN"}}}, "secret_env.HF_TOKEN", "k8s_secret"),
     ({"storage": {"access_key_id": {"env": "AK"}, "secret_access_key": {"env": "SK"}}},
      "storage.access_key_id,storage.secret_access_key", "k8s_secret"),
-    ({"env": {"MASTER_ADDR": "evil"}}, "env.MASTER_ADDR", "change how the job starts"),
-    ({"env": {"FLJOB_SPEC": "/tmp/other.yaml"}}, "env.FLJOB_SPEC", "change how the job starts"),
+    ({"env": {"MASTER_ADDR": "evil"}}, "env.MASTER_ADDR", "is set by the launcher"),
+    ({"env": {"FLJOB_SPEC": "/tmp/other.yaml"}}, "env.FLJOB_SPEC", "is set by the launcher"),
     ({"kubernetes": {"labels": {"fljob.dev/role": "worker"}}}, "kubernetes.labels.fljob.dev/role",
      "sets this label itself"),
     ({"kubernetes": {"annotations": {"bad key": "x"}}}, "kubernetes.annotations.bad key", "annotation key"),
@@ -465,7 +466,7 @@ secret_env:
     assert cli.main(["submit", "--backend", "k8s", "--dry-run", str(spec_path)]) == 0
     assert cli.main(["render", "--backend", "k8s", str(spec_path), "-o", "-"]) == 0
     written = [p for p in [*out.rglob("*"), *(tmp_path / "run").rglob("*")] if p.is_file()]
-    assert [p.name for p in written] == ["job.k8s.yaml", "job.k8s.yaml"]
+    assert [p.name for p in written] == ["job.k8s.yaml"]  # the dry run writes nothing
     texts = [p.read_text() for p in written] + [capsys.readouterr().out]
     for text in texts:
         for value in [*planted.values(), "file-planted-secret"]:
@@ -484,80 +485,141 @@ def test_kubectl_command_lines() -> None:
     assert kubernetes.apply_argv(Path("runs/mup-7b/job.k8s.yaml")) == [
         "kubectl", "apply", "-f", "runs/mup-7b/job.k8s.yaml"]
     assert kubernetes.status_argv(HANDLE) == [
-        "kubectl", "get", "pytorchjob", "-n", "llm-training", "mup-7b", "-o",
-        'jsonpath={range .status.conditions[*]}{.type}{"\\t"}{.status}{"\\t"}{.reason}{"\\t"}{.message}{"\\n"}{end}']
+        "kubectl", "get", "pytorchjob", "-n", "llm-training", "mup-7b", "-o", "json"]
+    assert kubernetes.sweep_status_argv(HANDLE) == [
+        "kubectl", "get", "pytorchjobs", "-n", "llm-training", "-l", "fljob.dev/sweep=mup-7b", "-o", "json"]
     assert kubernetes.logs_argv(HANDLE) == ["kubectl", "logs", "-n", "llm-training", "mup-7b-master-0", "-c", "pytorch"]
     assert kubernetes.logs_argv(HANDLE, follow=True)[-1] == "-f"
     assert kubernetes.cancel_argv(HANDLE) == ["kubectl", "delete", "pytorchjob", "-n", "llm-training", "mup-7b"]
+    assert kubernetes.cancel_argv(HANDLE, sweep=True) == [
+        "kubectl", "delete", "pytorchjobs", "-n", "llm-training", "-l", "fljob.dev/sweep=mup-7b"]
 
 
-@needs_kubectl
-def test_conditions_jsonpath_is_one_kubectl_understands_and_status_reads_it() -> None:
-    """kubectl evaluates jsonpath on a local object without a server (`label --local`)."""
-    obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
-           "spec": {"containers": [{"name": "pytorch", "image": "i"}]},
-           "status": {"conditions": [
-               {"type": "Created", "status": "True", "reason": "PyTorchJobCreated", "message": "created"},
-               {"type": "Running", "status": "False", "reason": "PyTorchJobRunning", "message": "ran"},
-               {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed",
-                "message": "Master replica(s) failed: exit 1"}]}}
-    done = subprocess.run(["kubectl", "label", "--local", "-f", "-", "a=b", "-o", kubernetes.status_argv(HANDLE)[-1]],
-                          input=yaml.safe_dump(obj), capture_output=True, text=True, check=True)
-    conditions = kubernetes.parse_conditions(done.stdout)
-    assert conditions[1] == ("Running", "False", "PyTorchJobRunning", "ran")
-    assert kubernetes.summarize(HANDLE, conditions) == (
-        "k8s://llm-training/mup-7b FAILED (PyTorchJobFailed: Master replica(s) failed: exit 1)")
-    assert kubernetes.summarize(HANDLE, []).startswith("k8s://llm-training/mup-7b PENDING")
+def operator_status(job: dict[str, Any], *conditions: tuple[str, str, str]) -> dict[str, Any]:
+    """``job`` as the API server returns it once the training operator (v1.9) has written its
+    status: conditions in the order it appends them, each (type, status, reason)."""
+    name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+    words = {"Created": "created", "Running": "running", "Restarting": "restarting",
+             "Succeeded": "successfully completed", "Failed": "failed because 1 Master replica(s) failed",
+             "Suspended": "suspended"}
+    stamp = "2026-12-03T06:00:00Z"
+    return {**job, "metadata": {**job["metadata"], "uid": "0b1c", "resourceVersion": "4711",
+                                "creationTimestamp": stamp, "generation": 1},
+            "status": {"conditions": [
+                {"type": kind, "status": state, "reason": reason, "lastUpdateTime": stamp,
+                 "lastTransitionTime": stamp, "message": f"PyTorchJob {namespace}/{name} is {words[kind]}."}
+                for kind, state, reason in conditions],
+                "replicaStatuses": {"Master": {"active": 1}}, "startTime": stamp}}
 
 
-def fake_kubectl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdout: str = "", rc: int = 0) -> Path:
-    """A kubectl that records each command line (one per line), prints `stdout`, exits `rc`."""
-    bin_dir = tmp_path / "fakebin"
-    bin_dir.mkdir()
-    (tmp_path / "kubectl.stdout").write_text(stdout)
-    (bin_dir / "kubectl").write_text(
-        f'#!/bin/sh\nprintf "%s\\n" "$*" >> {tmp_path}/kubectl.calls\ncat {tmp_path}/kubectl.stdout\n'
-        f"echo 'kubectl says no' >&2\nexit {rc}\n")
-    (bin_dir / "kubectl").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    return tmp_path / "kubectl.calls"
+@pytest.fixture
+def standin_kubectl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Put tests/k8s_standin/kubectl first on PATH, replaying the objects a test records."""
+    calls = tmp_path / "kubectl.calls"
+    recorded = tmp_path / "recorded.json"
+    monkeypatch.setenv("PATH", f"{REPO / 'tests' / 'k8s_standin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("KUBECTL_CALLS", str(calls))
+    monkeypatch.setenv("KUBECTL_RECORDED", str(recorded))
+
+    def record(objects: list[dict[str, Any]], logs: str = "") -> Path:
+        recorded.write_text(json.dumps(objects))
+        monkeypatch.setenv("KUBECTL_LOGS", logs)
+        return calls
+
+    return record
 
 
-def test_dry_run_writes_the_manifest_prints_the_command_and_runs_nothing(
+@pytest.mark.parametrize("conditions, state, reason", [
+    ((), "PENDING", None),
+    ((("Created", "True", "PyTorchJobCreated"),), "PENDING", "PyTorchJobCreated"),
+    ((("Created", "True", "PyTorchJobCreated"), ("Suspended", "True", "PyTorchJobSuspended")), "PENDING",
+     "PyTorchJobSuspended"),
+    ((("Created", "True", "PyTorchJobCreated"), ("Running", "True", "PyTorchJobRunning")), "RUNNING",
+     "PyTorchJobRunning"),
+    ((("Created", "True", "PyTorchJobCreated"), ("Running", "False", "PyTorchJobRunning"),
+      ("Restarting", "True", "PyTorchJobRestarting")), "REQUEUED", "PyTorchJobRestarting"),
+    ((("Created", "True", "PyTorchJobCreated"), ("Running", "False", "PyTorchJobRunning"),
+      ("Succeeded", "True", "PyTorchJobSucceeded")), "COMPLETED", "PyTorchJobSucceeded"),
+    ((("Created", "True", "PyTorchJobCreated"), ("Running", "False", "PyTorchJobRunning"),
+      ("Failed", "True", "PyTorchJobFailed")), "FAILED", "PyTorchJobFailed"),
+])
+def test_status_maps_the_operators_conditions(standin_kubectl, conditions, state: str, reason: str | None) -> None:
+    job = by_kind(kubernetes_render.objects(spec_of("gpu-4node")))["PyTorchJob"]
+    calls = standin_kubectl([operator_status(job, *conditions) if conditions else job])
+    found = kubernetes.status(HANDLE)
+    assert found.state.value == state
+    assert found.line().startswith(f"k8s://llm-training/mup-7b {state} ")
+    assert (reason is None) == ("reason=" not in found.line())
+    if reason:
+        assert dict(found.details)["reason"].startswith(f"{reason}: PyTorchJob llm-training/mup-7b is")
+    assert calls.read_text().splitlines() == [" ".join(kubernetes.sweep_status_argv(HANDLE)[1:]),
+                                              " ".join(kubernetes.status_argv(HANDLE)[1:])]
+
+
+def test_dry_run_shows_the_manifest_and_the_command_and_writes_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    record = fake_kubectl(tmp_path, monkeypatch)
-    assert kubernetes.submit(spec_of("gpu-4node"), dry_run=True) is None
-    out = capsys.readouterr().out.splitlines()
-    assert out == ["manifest: runs/mup-7b/job.k8s.yaml", "would run: kubectl apply -f runs/mup-7b/job.k8s.yaml"]
-    assert (tmp_path / "runs/mup-7b/job.k8s.yaml").read_text() == (GOLDEN / "gpu-4node.train.k8s.yaml").read_text()
-    assert not record.exists()
+    assert cli.main(["submit", "--backend", "k8s", "--dry-run", str(GOLDEN / "gpu-4node.spec.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "would write into" in out and "  job.k8s.yaml" in out
+    assert f"then run: kubectl apply -f {tmp_path}/runs/mup-7b/job.k8s.yaml" in out
+    assert "handle: k8s://llm-training/mup-7b" in out
+    assert not (tmp_path / "runs").exists()
+    plan = kubernetes.plan(spec_of("gpu-4node"))
+    assert plan.files[0].content == (GOLDEN / "gpu-4node.train.k8s.yaml").read_text()
 
 
-def test_submit_applies_exactly_the_manifest_and_returns_the_handle(tmp_path: Path,
+def test_submit_applies_exactly_the_manifest_and_returns_the_handle(tmp_path: Path, standin_kubectl,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    record = fake_kubectl(tmp_path, monkeypatch, stdout="pytorchjob.kubeflow.org/mup-7b created")
-    assert kubernetes.submit(spec_of("gpu-4node")) == HANDLE
-    assert record.read_text().splitlines() == ["apply -f runs/mup-7b/job.k8s.yaml"]
+    calls = standin_kubectl([])
+    # apply is not a command the stand-in replays: it answers with exit 2, a KubectlError.
+    with pytest.raises(kubernetes.KubectlError, match="unexpected command"):
+        kubernetes.submit(kubernetes.plan(spec_of("gpu-4node")))
+    assert calls.read_text().splitlines() == [f"apply -f {tmp_path}/runs/mup-7b/job.k8s.yaml"]
+    assert (tmp_path / "runs/mup-7b/job.k8s.yaml").read_text() == (GOLDEN / "gpu-4node.train.k8s.yaml").read_text()
 
 
-def test_status_logs_and_cancel_run_their_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    output = "Created\tTrue\tPyTorchJobCreated\tok\nRunning\tTrue\tPyTorchJobRunning\trunning\n"
-    record = fake_kubectl(tmp_path, monkeypatch, stdout=output)
-    assert kubernetes.status(HANDLE) == "k8s://llm-training/mup-7b RUNNING (PyTorchJobRunning: running)"
-    assert list(kubernetes.logs(HANDLE, follow=True)) == output.splitlines(keepends=True)
+def test_logs_and_cancel_run_their_command_lines(standin_kubectl) -> None:
+    job = by_kind(kubernetes_render.objects(spec_of("gpu-4node")))["PyTorchJob"]
+    log = "fljob: node 0 of 4, rendezvous mup-7b-master-0:23456\nstep 1/10 loss 9.2\n"
+    calls = standin_kubectl([operator_status(job, ("Created", "True", "PyTorchJobCreated"))], logs=log)
+    assert "".join(kubernetes.logs(HANDLE, follow=True)) == log
     kubernetes.cancel(HANDLE)
-    assert record.read_text().splitlines() == [
-        " ".join(argv[1:]) for argv in (kubernetes.status_argv(HANDLE), kubernetes.logs_argv(HANDLE, follow=True),
+    with pytest.raises(kubernetes.KubectlError, match="NotFound"):
+        kubernetes.status(HANDLE)
+    assert calls.read_text().splitlines()[:3] == [
+        " ".join(argv[1:]) for argv in (kubernetes.logs_argv(HANDLE, follow=True), kubernetes.sweep_status_argv(HANDLE),
                                         kubernetes.cancel_argv(HANDLE))]
 
 
-def test_kubectl_failure_is_a_usage_error_with_kubectls_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_kubectl(tmp_path, monkeypatch, rc=1)
-    with pytest.raises(kubernetes.KubectlError, match="kubectl says no") as err:
-        list(kubernetes.logs(HANDLE))
-    assert "kubectl logs -n llm-training mup-7b-master-0 -c pytorch" in str(err.value)
+def test_sweep_status_is_a_table_of_trials_and_cancel_deletes_them_all(standin_kubectl) -> None:
+    spec = spec_of("cpu-1node", ["sweep={grid: {optimizer.lr: [0.001, 0.002, 0.004]}, parallel: 3}"])
+    jobs = [d for d in kubernetes_render.objects(spec) if d["kind"] == "PyTorchJob"]
+    conditions = [[("Created", "True", "PyTorchJobCreated"), ("Succeeded", "True", "PyTorchJobSucceeded")],
+                  [("Created", "True", "PyTorchJobCreated"), ("Running", "True", "PyTorchJobRunning")],
+                  [("Created", "True", "PyTorchJobCreated"), ("Failed", "True", "PyTorchJobFailed")]]
+    other = by_kind(kubernetes_render.objects(spec_of("gpu-4node")))["PyTorchJob"]
+    # Recorded in another order than the trials': status sorts them by trial index.
+    calls = standin_kubectl([operator_status(j, *c) for j, c in reversed(list(zip(jobs, conditions)))] + [other])
+    handle = Handle("k8s", f"dev/{spec.name}")
+    found = kubernetes.status(handle)
+    assert [t.name for t in found.trials] == [j["metadata"]["name"] for j in jobs]
+    assert [t.state.value for t in found.trials] == ["COMPLETED", "RUNNING", "FAILED"]
+    assert found.line().splitlines()[0] == f"k8s://dev/{spec.name} SWEEP {spec.name}: 3 trials: " \
+                                           "1 COMPLETED, 1 RUNNING, 1 FAILED"
+    assert json.loads(json.dumps(found.to_json()))["counts"] == {"COMPLETED": 1, "RUNNING": 1, "FAILED": 1}
+    kubernetes.cancel(handle)
+    assert calls.read_text().splitlines()[-1] == " ".join(kubernetes.cancel_argv(handle, sweep=True)[1:])
+    assert [o["metadata"]["name"] for o in json.loads(Path(os.environ["KUBECTL_RECORDED"]).read_text())] == ["mup-7b"]
+
+
+def test_kubectl_failure_is_a_usage_error_with_kubectls_words(standin_kubectl) -> None:
+    standin_kubectl([])
+    with pytest.raises(kubernetes.KubectlError, match="NotFound") as err:
+        kubernetes.status(HANDLE)
+    assert "kubectl get pytorchjob -n llm-training mup-7b -o json" in str(err.value)
+    assert cli.main(["status", str(HANDLE)]) == 2
 
 
 @needs_kubectl
@@ -572,10 +634,10 @@ def test_unreachable_cluster_gives_exit_2_and_a_message_not_a_traceback(
         "users": [{"name": "none", "user": {"token": "not-a-token"}}]}))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     done = subprocess.run([sys.executable, "-m", "fljob.cli", "status", "k8s://llm-training/mup-7b"],
-                          capture_output=True, text=True, timeout=60, env={**os.environ})
+                          check=False, capture_output=True, text=True, timeout=60, env={**os.environ})
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    assert "fljob status: `kubectl get pytorchjob -n llm-training mup-7b" in done.stderr
+    assert "fljob status: `kubectl get pytorchjobs -n llm-training -l fljob.dev/sweep=mup-7b -o json`" in done.stderr
     assert "127.0.0.1:9" in done.stderr and "kubectl config current-context" in done.stderr
 
 

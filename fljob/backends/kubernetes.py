@@ -8,20 +8,31 @@ a message instead of a traceback.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from fljob.backends import k8s_schema, kubernetes_render
-from fljob.backends.base import Handle, Task, shell_join
+from fljob.backends.base import (
+    Handle,
+    JobState,
+    JobStatus,
+    Submission,
+    SweepStatus,
+    Task,
+    shell_join,
+)
+from fljob.backends.kubernetes_render import SWEEP_LABEL, TRIAL_LABEL, check, render
 from fljob.errors import UsageError
 from fljob.spec import JobSpec
 
+NAME = "k8s"
+__all__ = ["NAME", "cancel", "check", "logs", "plan", "render", "status", "submit"]
 KUBECTL = "kubectl"
-# One tab-separated line per status condition, oldest first (the operator appends).
-CONDITIONS_JSONPATH = '{range .status.conditions[*]}{.type}{"\\t"}{.status}{"\\t"}{.reason}{"\\t"}{.message}{"\\n"}{end}'
 
 
 class KubectlError(UsageError):
@@ -49,7 +60,13 @@ def apply_argv(manifest: Path) -> list[str]:
 
 def status_argv(handle: Handle) -> list[str]:
     namespace, name = _namespace_name(handle)
-    return [KUBECTL, "get", "pytorchjob", "-n", namespace, name, "-o", f"jsonpath={CONDITIONS_JSONPATH}"]
+    return [KUBECTL, "get", "pytorchjob", "-n", namespace, name, "-o", "json"]
+
+
+def sweep_status_argv(handle: Handle) -> list[str]:
+    """The trials of a sweep named like the handle (none when it names a single job)."""
+    namespace, name = _namespace_name(handle)
+    return [KUBECTL, "get", "pytorchjobs", "-n", namespace, "-l", f"{SWEEP_LABEL}={name}", "-o", "json"]
 
 
 def logs_argv(handle: Handle, follow: bool = False) -> list[str]:
@@ -59,8 +76,10 @@ def logs_argv(handle: Handle, follow: bool = False) -> list[str]:
     return [*argv, "-f"] if follow else argv
 
 
-def cancel_argv(handle: Handle) -> list[str]:
+def cancel_argv(handle: Handle, sweep: bool = False) -> list[str]:
     namespace, name = _namespace_name(handle)
+    if sweep:
+        return [KUBECTL, "delete", "pytorchjobs", "-n", namespace, "-l", f"{SWEEP_LABEL}={name}"]
     return [KUBECTL, "delete", "pytorchjob", "-n", namespace, name]
 
 
@@ -81,44 +100,56 @@ def _run(argv: list[str]) -> str:
     return done.stdout
 
 
-def submit(spec: JobSpec, task: Task = "train", dry_run: bool = False) -> Handle | None:
-    """Write the manifest into the run folder and `kubectl apply` it; dry-run only shows the command."""
-    (rendered,) = kubernetes_render.render(spec, task)
-    manifest = rendered.write(Path(spec.resolved_run_dir))
-    argv = apply_argv(manifest)
-    if dry_run:
-        print(f"manifest: {manifest}")
-        print(f"would run: {shell_join(argv)}")
-        return None
-    sys.stderr.write(_run(argv))
-    return Handle("k8s", f"{spec.kubernetes.namespace}/{spec.name}")
+def plan(spec: JobSpec, task: Task = "train") -> Submission:
+    """The dry run: the manifest (every trial's objects for a sweep) and the kubectl apply."""
+    folder = Path(spec.resolved_run_dir).absolute()
+    files = tuple(render(spec, task))
+    return Submission(NAME, folder, files, shell_join(apply_argv(folder / kubernetes_render.MANIFEST_FILE)),
+                      spec, Handle(NAME, f"{spec.kubernetes.namespace}/{spec.name}"))
 
 
-Condition = tuple[str, str, str, str]  # type, status, reason, message
+def submit(plan: Submission) -> Handle:
+    """Write the manifest into the run folder and `kubectl apply` it."""
+    (manifest,) = plan.write()
+    sys.stderr.write(_run(apply_argv(manifest)))
+    assert plan.handle is not None
+    return plan.handle
 
 
-def parse_conditions(text: str) -> list[Condition]:
-    """The conditions in CONDITIONS_JSONPATH output, oldest first."""
-    out = []
-    for line in text.splitlines():
-        if line.strip():
-            kind, status_, reason, message = (line.split("\t", 3) + ["", "", ""])[:4]
-            out.append((kind, status_, reason, message))
-    return out
+# The operator's condition types (kubeflow.org/v1 JobConditionType), latest true one wins.
+CONDITION_STATES = {
+    "Created": JobState.PENDING, "Suspended": JobState.PENDING, "Running": JobState.RUNNING,
+    "Restarting": JobState.REQUEUED, "Succeeded": JobState.COMPLETED, "Failed": JobState.FAILED,
+}
 
 
-def summarize(handle: Handle, conditions: list[Condition]) -> str:
-    """The job's state is its latest condition that holds (what `kubectl get` shows as State)."""
-    current = [c for c in conditions if c[1] == "True"]
+def job_status(handle: str, job: dict[str, Any], name: str | None = None) -> JobStatus:
+    """A PyTorchJob object (as `kubectl get -o json` returns it) as fljob's status record: the
+    state of its latest condition that holds (what `kubectl get` shows), with its reason."""
+    conditions = [c for c in (job.get("status") or {}).get("conditions") or [] if isinstance(c, dict)]
+    current = [c for c in conditions if c.get("status") == "True"]
+    namespace = (job.get("metadata") or {}).get("namespace", "")
+    job_name = (job.get("metadata") or {}).get("name", "")
+    logs = shell_join([KUBECTL, "logs", "-n", namespace, f"{job_name}-master-0", "-c", k8s_schema.CONTAINER_NAME])
     if not current:
-        return f"{handle} PENDING (no status yet: the training operator has not picked the job up)"
-    kind, _, reason, message = current[-1]
-    detail = ": ".join(part for part in (reason, message) if part)
-    return f"{handle} {kind.upper()}" + (f" ({detail})" if detail else "")
+        return JobStatus(handle, JobState.PENDING, native="no status yet: the training operator has not "
+                         "picked the job up", logs=logs, name=name)
+    last = current[-1]
+    kind = str(last.get("type", ""))
+    detail = ": ".join(str(part) for part in (last.get("reason"), last.get("message")) if part)
+    return JobStatus(handle, CONDITION_STATES.get(kind, JobState.UNKNOWN), native=kind,
+                     details=(("reason", detail),) if detail else (), logs=logs, name=name)
 
 
-def status(handle: Handle) -> str:
-    return summarize(handle, parse_conditions(_run(status_argv(handle))))
+def status(handle: Handle) -> JobStatus | SweepStatus:
+    trials = json.loads(_run(sweep_status_argv(handle))).get("items") or []
+    if trials:
+        trials.sort(key=lambda job: int(job["metadata"]["labels"].get(TRIAL_LABEL, "0")))
+        namespace, name = _namespace_name(handle)
+        return SweepStatus(str(handle), name, tuple(
+            job_status(f"k8s://{namespace}/{job['metadata']['name']}", job, name=job["metadata"]["name"])
+            for job in trials))
+    return job_status(str(handle), json.loads(_run(status_argv(handle))))
 
 
 def logs(handle: Handle, follow: bool = False) -> Iterator[str]:
@@ -144,6 +175,7 @@ def logs(handle: Handle, follow: bool = False) -> Iterator[str]:
 
 
 def cancel(handle: Handle) -> None:
-    """Delete the PyTorchJob (the operator deletes its pods); the ConfigMap/Service/PodMonitor stay
-    until `kubectl delete -f job.k8s.yaml`."""
-    _run(cancel_argv(handle))
+    """Delete the PyTorchJob, or every trial of the sweep (the operator deletes their pods); the
+    ConfigMaps, Service and PodMonitor stay until `kubectl delete -f job.k8s.yaml`."""
+    sweep = bool(json.loads(_run(sweep_status_argv(handle))).get("items"))
+    _run(cancel_argv(handle, sweep=sweep))

@@ -33,13 +33,15 @@ from fljob.backends.base import (
     TASK_ARGV,
     RenderedFile,
     Task,
-    reserved_env_fields,
+    check_job_or_sweep,
     secret_field,
     secret_refs,
 )
+from fljob.backends.shell import forward_and_wait
 from fljob.exitcodes import REQUEUE
 from fljob.spec import JobSpec, Problem, SpecError, dump_spec, problem_at
 from fljob.spec.models import LABEL_KEY, Toleration
+from fljob.spec.sweep import expand
 
 MANIFEST_FILE = "job.k8s.yaml"
 SPEC_DIR = "/etc/fljob"
@@ -54,9 +56,11 @@ METRICS_PORT_NAME = "metrics"
 RETRYABLE_EXIT = 138
 
 # Labels fljob owns; the Service and the PodMonitor select pods by them.
-NAME_LABEL, INSTANCE_LABEL, JOB_LABEL, ROLE_LABEL, TASK_LABEL = (
-    "app.kubernetes.io/name", "app.kubernetes.io/instance", "fljob.dev/job", "fljob.dev/role", "fljob.dev/task")
-OWNED_LABELS = (NAME_LABEL, INSTANCE_LABEL, "app.kubernetes.io/managed-by", JOB_LABEL, ROLE_LABEL, TASK_LABEL)
+NAME_LABEL, INSTANCE_LABEL, JOB_LABEL, ROLE_LABEL, TASK_LABEL, SWEEP_LABEL, TRIAL_LABEL = (
+    "app.kubernetes.io/name", "app.kubernetes.io/instance", "fljob.dev/job", "fljob.dev/role", "fljob.dev/task",
+    "fljob.dev/sweep", "fljob.dev/trial")
+OWNED_LABELS = (NAME_LABEL, INSTANCE_LABEL, "app.kubernetes.io/managed-by", JOB_LABEL, ROLE_LABEL, TASK_LABEL,
+                SWEEP_LABEL, TRIAL_LABEL)
 
 _DURATION = re.compile(k8s_schema.PROM_DURATION)
 
@@ -64,7 +68,7 @@ _DURATION = re.compile(k8s_schema.PROM_DURATION)
 # --------------------------------------------------------------------------- checks
 
 
-def check(spec: JobSpec) -> None:
+def job_problems(spec: JobSpec) -> list[Problem]:
     """Kubernetes-specific requirements a generic spec does not carry."""
     k = spec.kubernetes
     problems: list[Problem] = []
@@ -76,9 +80,6 @@ def check(spec: JobSpec) -> None:
             problems.append(problem_at(spec, secret_field(spec, target),
                                        "has no k8s_secret; on Kubernetes the value comes from a Secret: add "
                                        f"k8s_secret: {{name: <secret>, key: <key>}} (a Secret in namespace {k.namespace})."))
-    problems += [problem_at(spec, field, "is set by the launcher, the training operator or fljob itself; "
-                            "setting it would change how the job starts. Remove it.")
-                 for field in reserved_env_fields(spec)]
     for field, keys in (("kubernetes.labels", k.labels), ("kubernetes.pod_monitor.labels", k.pod_monitor.labels)):
         problems += [problem_at(spec, f"{field}.{key}", "fljob sets this label itself (its selectors use it); "
                                 "use another key.") for key in sorted(set(keys) & set(OWNED_LABELS))]
@@ -97,8 +98,17 @@ def check(spec: JobSpec) -> None:
     if len(last_pod) > 63:
         problems.append(problem_at(spec, "name", f"the operator names a pod and its Service {last_pod!r}, longer "
                                    "than Kubernetes' 63 characters: shorten the name or use fewer nodes."))
-    if problems:
-        raise SpecError(spec.origin(), problems)
+    return problems
+
+
+def check(spec: JobSpec) -> None:
+    check_job_or_sweep(spec, job_problems)
+    sweep = spec.sweep
+    if sweep is not None and sweep.parallel < sweep.size and not spec.kubernetes.queue:
+        raise SpecError(spec.origin(), [problem_at(
+            spec, "sweep.parallel", f"Kubernetes starts all {sweep.size} trials at once unless a queue "
+            f"admits them: set kubernetes.queue to a Kueue LocalQueue whose quota fits {sweep.parallel} "
+            f"trials (k8s/README.md), or set sweep.parallel to {sweep.size}.")])
 
 
 def pod_names(spec: JobSpec) -> list[str]:
@@ -110,8 +120,12 @@ def pod_names(spec: JobSpec) -> list[str]:
 
 
 def selector_labels(spec: JobSpec) -> dict[str, str]:
-    """The labels every object of the job carries; kubectl -l fljob.dev/job=<name> finds them all."""
-    return {NAME_LABEL: "fljob", INSTANCE_LABEL: spec.name, JOB_LABEL: spec.name}
+    """The labels every object of the job carries; kubectl -l fljob.dev/job=<name> finds them all,
+    and -l fljob.dev/sweep=<sweep> every trial of a sweep."""
+    labels = {NAME_LABEL: "fljob", INSTANCE_LABEL: spec.name, JOB_LABEL: spec.name}
+    if spec.trial is None:
+        return labels
+    return {**labels, SWEEP_LABEL: spec.trial.sweep, TRIAL_LABEL: str(spec.trial.index)}
 
 
 def _labels(spec: JobSpec, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -148,23 +162,8 @@ if [ -z "${{MASTER_ADDR:-}}" ] || [ -z "${{MASTER_PORT:-}}" ] || [ -z "${{PET_NN
   echo "fljob: MASTER_ADDR, MASTER_PORT, PET_NNODES and PET_NODE_RANK must be set by the Kubeflow training operator (PyTorchJob v1)" >&2
   exit 2
 fi
-child=""
-signalled=0
-forward_term() {{
-  signalled=1
-  echo "fljob: SIGTERM received; forwarding to the launcher (the trainer checkpoints and stops)" >&2
-  [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
-}}
-trap forward_term TERM
 echo "fljob: node $PET_NODE_RANK of $PET_NNODES, rendezvous $MASTER_ADDR:$MASTER_PORT"
-{launch} &
-child=$!
-while :; do
-  signalled=0
-  wait "$child"
-  rc=$?
-  [ "$signalled" = 1 ] || break
-done
+{forward_and_wait("TERM", launch, "the launcher (the trainer checkpoints and stops)")}
 if [ "$rc" -eq {REQUEUE} ]; then
   echo "fljob: the trainer checkpointed and asks to be restarted; exiting {RETRYABLE_EXIT} (retryable under restartPolicy ExitCode)" >&2
   exit {RETRYABLE_EXIT}
@@ -284,33 +283,53 @@ def master_selector(spec: JobSpec) -> dict[str, str]:
     return {**selector_labels(spec), ROLE_LABEL: "master"}
 
 
+def _pod_monitor(spec: JobSpec, selector: dict[str, str]) -> dict[str, Any]:
+    pm = spec.kubernetes.pod_monitor
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _metadata(spec, spec.name, _labels(spec, dict(sorted(pm.labels.items())))),
+        "spec": {
+            # Prometheus' `job` label becomes the job name; the trainer's own job/run_id
+            # labels win over the target's (honorLabels).
+            "jobLabel": JOB_LABEL,
+            "selector": {"matchLabels": selector},
+            "podMetricsEndpoints": [{"port": METRICS_PORT_NAME, "path": "/metrics",
+                                     "interval": pm.interval, "honorLabels": True}],
+        },
+    }
+
+
+def _spec_config_map(spec: JobSpec) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(spec, f"{spec.name}-spec", _labels(spec)),
+            "data": {SPEC_FILE: dump_spec(spec)}}
+
+
 def objects(spec: JobSpec, task: Task = "train") -> list[dict[str, Any]]:
-    """The Kubernetes objects of the job, as plain data in a fixed order."""
-    out: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(spec, f"{spec.name}-spec", _labels(spec)),
-         "data": {SPEC_FILE: dump_spec(spec)}},
-        pytorchjob(spec, task),
-    ]
+    """The Kubernetes objects of the job, as plain data in a fixed order.
+
+    A sweep is one ConfigMap and one PyTorchJob per trial, every object labelled
+    fljob.dev/sweep=<sweep name>, and one PodMonitor for all trials' master pods: each trial
+    keeps the single job's restart and preemption behaviour and can span several nodes, and a
+    Kueue queue (kubernetes.queue) admits as many as its quota allows (k8s/README.md).
+    """
+    metrics = spec.metrics.enabled and spec.kubernetes.pod_monitor.enabled
+    if spec.sweep is not None:
+        out: list[dict[str, Any]] = []
+        for trial in expand(spec):
+            out += [_spec_config_map(trial.spec), pytorchjob(trial.spec, task)]
+        if metrics:
+            selector = {NAME_LABEL: "fljob", SWEEP_LABEL: spec.name, ROLE_LABEL: "master"}
+            out.append(_pod_monitor(spec, selector))
+        return out
+    out = [_spec_config_map(spec), pytorchjob(spec, task)]
     if spec.metrics.enabled:
         port = {"name": METRICS_PORT_NAME, "port": spec.metrics.port, "targetPort": METRICS_PORT_NAME,
                 "protocol": "TCP"}
         out.append({"apiVersion": "v1", "kind": "Service", "metadata": _metadata(spec, f"{spec.name}-metrics", _labels(spec)),
                     "spec": {"type": "ClusterIP", "selector": master_selector(spec), "ports": [port]}})
-        pm = spec.kubernetes.pod_monitor
-        if pm.enabled:
-            out.append({
-                "apiVersion": "monitoring.coreos.com/v1",
-                "kind": "PodMonitor",
-                "metadata": _metadata(spec, spec.name, _labels(spec, dict(sorted(pm.labels.items())))),
-                "spec": {
-                    # Prometheus' `job` label becomes the job name; the trainer's own job/run_id
-                    # labels win over the target's (honorLabels).
-                    "jobLabel": JOB_LABEL,
-                    "selector": {"matchLabels": master_selector(spec)},
-                    "podMetricsEndpoints": [{"port": METRICS_PORT_NAME, "path": "/metrics",
-                                             "interval": pm.interval, "honorLabels": True}],
-                },
-            })
+    if metrics:
+        out.append(_pod_monitor(spec, master_selector(spec)))
     return out
 
 

@@ -43,17 +43,20 @@ def secret_exports(spec: JobSpec) -> list[str]:
     return lines
 
 
-def env_block(spec: JobSpec, backend: str, run_id: str) -> str:
+def env_block(spec: JobSpec, backend: str, run_id: str, run_dir: str | None = None,
+              job_name: str | None = None) -> str:
     """The run folder, the spec path, fljob's own variables, the spec's env and secrets.
 
-    `run_id` is a shell expression (already quoted as needed) evaluated at run time.
+    `run_id`, `run_dir` and `job_name` are shell expressions (already quoted as needed)
+    evaluated at run time; the last two default to the spec's own, quoted.
     """
+    run_dir = run_dir or shlex.quote(spec.resolved_run_dir)
     lines = [
         "# Values from the spec, quoted: none of them can change what runs.",
-        f'FLJOB_RUN_DIR="$(realpath -m -- {shlex.quote(spec.resolved_run_dir)})"',
+        f'FLJOB_RUN_DIR="$(realpath -m -- {run_dir})"',
         "export FLJOB_RUN_DIR",
         f'export FLJOB_SPEC="$FLJOB_RUN_DIR/{SPEC_FILE}"',
-        f"export FLJOB_JOB_NAME={shlex.quote(spec.name)}",
+        f"export FLJOB_JOB_NAME={job_name or shlex.quote(spec.name)}",
         f"export FLJOB_RUN_ID={run_id}",
         f"export FLJOB_BACKEND={backend}",
         "export PYTHONUNBUFFERED=1",
@@ -65,3 +68,30 @@ def env_block(spec: JobSpec, backend: str, run_id: str) -> str:
         "fi",
     ]
     return "\n".join(lines)
+
+
+def forward_and_wait(signal: str, command: str, what: str) -> str:
+    """Start `command` in the background, forward SIG`signal` to it, and wait until it really
+    ends (a trapped signal interrupts `wait`); leaves its exit code in $rc. POSIX sh.
+
+    A shell running a job in the foreground would not run its trap until the job ends, and a
+    shell as PID 1 (a container) drops SIGTERM; so the job runs in the background and the
+    shell waits again after each signal it forwards.
+    """
+    return f"""\
+child=""
+signalled=0
+forward_signal() {{
+  signalled=1
+  echo "fljob: SIG{signal} received; forwarding to {what}" >&2
+  [ -n "$child" ] && kill -{signal} "$child" 2>/dev/null
+}}
+trap forward_signal {signal}
+{command} &
+child=$!
+while :; do  # wait again after each trapped signal, until the child really ends
+  signalled=0
+  wait "$child"
+  rc=$?
+  [ "$signalled" = 1 ] || break
+done"""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import fcntl
-import functools
 import io
 import json
 import os
@@ -32,20 +31,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fljob.backends import slurm_render
-from fljob.backends.base import Handle, Task, put_this_fljob_on_path
+from fljob.backends import slurm_render, submitit_glue
+from fljob.backends.base import (
+    Handle,
+    JobState,
+    JobStatus,
+    Submission,
+    SweepStatus,
+    Task,
+    put_this_fljob_on_path,
+    run_progress,
+)
+from fljob.backends.slurm_render import check, render
 from fljob.errors import UsageError
+from fljob.exitcodes import DIVERGED, REQUEUE
 from fljob.spec import JobSpec
+from fljob.spec.sweep import SWEEP_INDEX_FILE
+
+NAME = "slurm"
+__all__ = ["NAME", "cancel", "check", "logs", "plan", "render", "status", "submit"]
 
 SUBMITIT_DIR = "submitit"
 JOBS_FILE = "jobs.json"
 USER_INDEX_LIMIT = 2000
 
-# Job states after which nothing more happens to the job (squeue/sacct long names).
-TERMINAL_STATES = frozenset({
-    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
-    "PREEMPTED", "REVOKED", "TIMEOUT",
-})
 # How long `logs --follow` sleeps between reads / state checks.
 FOLLOW_POLL_S = 0.5
 STATE_POLL_S = 1.0
@@ -117,71 +126,42 @@ def _run(argv: list[str], action: str) -> subprocess.CompletedProcess[str]:
         raise UsageError(f"{action}: {shlex.join(argv)} did not answer in 120 s: {CONTROLLER_HINT}") from None
 
 
-def _scontrol_job(job_id: str) -> dict[str, str] | None:
-    """`scontrol show job -o`: exact and immediate while slurmctld remembers the job, else None."""
+def _scontrol_records(job_id: str) -> list[dict[str, str]]:
+    """`scontrol show job -o`: one record per line (an array job has one per task or pending
+    range); exact and immediate while slurmctld remembers the job, else []."""
     proc = _run(["scontrol", "show", "job", "-o", job_id], f"looking up slurm://{job_id}")
     if proc.returncode != 0:
         if "Invalid job id" in proc.stderr:
-            return None
+            return []
         raise _slurm_error("scontrol", proc.stderr, f"looking up slurm://{job_id}")
-    line = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
-    info: dict[str, str] = {}
-    for word in line.split():
-        key, sep, value = word.partition("=")
-        if sep and key not in info:
-            info[key] = value
-    return info or None
+    records = []
+    for line in proc.stdout.strip().splitlines():
+        info: dict[str, str] = {}
+        for word in line.split():
+            key, sep, value = word.partition("=")
+            if sep and key not in info:
+                info[key] = value
+        if info:
+            records.append(info)
+    return records
+
+
+def _scontrol_job(job_id: str) -> dict[str, str] | None:
+    records = _scontrol_records(job_id)
+    return records[0] if records else None
 
 
 def _sacct_job(job_id: str) -> dict[str, str]:
     """The job's accounting record through submitit's sacct watcher ({} when sacct has none)."""
     _require("sacct")
     with _captured_fd2():
-        return _sacct_watcher_class()(delay_s=600).get_info(job_id, mode="force")
+        return submitit_glue.sacct_info(job_id)
 
 
 def _job_id(handle: Handle) -> str:
     if handle.backend != "slurm":
         raise UsageError(f"{handle} is not a SLURM job handle")
     return handle.ident
-
-
-# --------------------------------------------------------------------------- submitit glue
-
-
-def _submitit() -> Any:
-    import submitit  # only the commands that act need it
-
-    return submitit
-
-
-@functools.cache
-def _sacct_watcher_class() -> type:
-    """submitit's SlurmInfoWatcher, asking sacct for the exit code and elapsed time too."""
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
-    class SacctWatcher(SlurmInfoWatcher):
-        def _make_command(self) -> list[str] | None:
-            command = super()._make_command()
-            if command is not None:
-                command[command.index("-o") + 1] = "JobID,State,ExitCode,Elapsed,NodeList,JobName,WorkDir"
-            return command
-
-    return SacctWatcher
-
-
-def _executor(folder: Path, script: str, tasks: int) -> Any:
-    """A submitit SlurmExecutor whose submission file is our rendered script, unchanged."""
-    submitit = _submitit()
-
-    class RenderedScriptExecutor(submitit.SlurmExecutor):
-        def _make_submission_file_text(self, command: str, uid: str) -> str:
-            return script
-
-        def _num_tasks(self) -> int:
-            return tasks
-
-    return RenderedScriptExecutor(folder=folder)
 
 
 # --------------------------------------------------------------------------- the job index
@@ -219,7 +199,7 @@ def _record(entry: dict[str, Any]) -> None:
         with _locked_json(user_index_path(), {}) as box:
             index = box[0] if isinstance(box[0], dict) else {}
             index.setdefault(entry["job_id"], []).append(
-                {k: entry[k] for k in ("run_dir", "log", "name", "workdir", "submitted_at", "slurm_conf")}
+                {k: entry[k] for k in ("run_dir", "log", "name", "workdir", "submitted_at", "slurm_conf", "task")}
             )
             if len(index) > USER_INDEX_LIMIT:  # keep the newest ids
                 for old in sorted(index, key=lambda j: index[j][-1]["submitted_at"])[: len(index) - USER_INDEX_LIMIT]:
@@ -229,14 +209,15 @@ def _record(entry: dict[str, Any]) -> None:
         print(f"fljob: could not update {user_index_path()}: {exc}", file=sys.stderr)
 
 
-def _indexed_log(job_id: str, sacct: dict[str, str]) -> Path | None:
-    """The log recorded for this id; when ids repeat (another cluster), the entry sacct agrees with."""
+def _indexed_entry(job_id: str, sacct: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """What fljob recorded when it submitted this id (an array task: its array's entry); when
+    ids repeat (another cluster), the entry sacct agrees with, else the newest."""
     try:
         index = json.loads(user_index_path().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    entries = index.get(job_id) if isinstance(index, dict) else None
-    if not entries:
+    entries = index.get(job_id.partition("_")[0]) if isinstance(index, dict) else None
+    if not isinstance(entries, list) or not entries:
         return None
     conf = os.environ.get("SLURM_CONF")
     if sacct:
@@ -244,61 +225,62 @@ def _indexed_log(job_id: str, sacct: dict[str, str]) -> Path | None:
                     and (not sacct.get("WorkDir") or e.get("workdir") == sacct.get("WorkDir"))]
         entries = matching or entries
     same_cluster = [e for e in entries if e.get("slurm_conf") == conf]
-    return Path((same_cluster or entries)[-1]["log"])
+    entry = (same_cluster or entries)[-1]
+    return entry if isinstance(entry, dict) and isinstance(entry.get("run_dir"), str) else None
+
+
+def _indexed_log(job_id: str, sacct: dict[str, str]) -> Path | None:
+    entry = _indexed_entry(job_id, sacct)
+    if entry is None or not isinstance(entry.get("log"), str):
+        return None
+    base, _, task = job_id.partition("_")
+    if task:  # the array's log pattern, for this task
+        return Path(entry["run_dir"]) / slurm_render.ARRAY_LOG_PATTERN.replace("%A", base).replace("%a", task)
+    return Path(entry["log"])
 
 
 # --------------------------------------------------------------------------- submit
 
 
-def submit(spec: JobSpec, task: Task = "train", dry_run: bool = False) -> Handle | None:
-    files = slurm_render.render(spec, task)
-    run_dir = Path(spec.resolved_run_dir).absolute()
-    written = [f.write(run_dir) for f in files]
-    script_path = run_dir / slurm_render.SCRIPT_FILE
-    script = next(f for f in files if f.name == slurm_render.SCRIPT_FILE).content
-    if dry_run:
-        print("fljob submit --dry-run: nothing submitted. Rendered:")
-        for path in written:
-            print(f"  {path}")
-        print(f"submit would run, in {Path.cwd()} (through submitit, from a byte-identical copy "
-              f"of the script under {run_dir / SUBMITIT_DIR}/):")
-        print(f"  sbatch {shlex.quote(str(script_path))}")
-        return None
+def plan(spec: JobSpec, task: Task = "train") -> Submission:
+    """The dry run: the batch script (one array job for a sweep) and the files beside it."""
+    folder = Path(spec.resolved_run_dir).absolute()
+    files = tuple(render(spec, task))
+    return Submission(NAME, folder, files, f"sbatch {shlex.quote(str(folder / slurm_render.SCRIPT_FILE))}",
+                      spec)
 
+
+def submit(plan: Submission) -> Handle:
+    """sbatch the plan's script through submitit (byte for byte the rendered one)."""
     _require("sbatch")
     _require("srun")  # submitit's SlurmExecutor insists on it
+    spec, folder = plan.spec, plan.folder
+    plan.write()
     put_this_fljob_on_path()  # the job inherits this environment
-    submitit = _submitit()
-    (run_dir / SUBMITIT_DIR).mkdir(parents=True, exist_ok=True)
-    executor = _executor(run_dir / SUBMITIT_DIR, script, tasks=spec.resources.nodes)
+    script_path = folder / slurm_render.SCRIPT_FILE
+    script = next(f for f in plan.files if f.name == slurm_render.SCRIPT_FILE).content
     try:
-        # submitit prints sbatch's stderr itself on failure; we report it once, in our words.
-        with contextlib.redirect_stderr(io.StringIO()):
-            job = executor._submit_command("fljob")  # the command is unused: the script is ours
-    except submitit.core.utils.FailedJobError as exc:
+        job_id, copy = submitit_glue.submit_script(folder / SUBMITIT_DIR, script, tasks=spec.resources.nodes)
+    except submitit_glue.SbatchRefused as exc:
         raise _slurm_error("sbatch", str(exc), f"sbatch did not accept {script_path}",
                            "Check the spec's resources and slurm fields against `sinfo`") from None
-    except submitit.core.utils.FailedSubmissionError as exc:
-        raise UsageError(f"sbatch gave no job id: {exc}") from None
-    except FileNotFoundError as exc:
-        raise UsageError(f"cannot run sbatch: {exc}") from None
-
-    job_id = str(job.job_id)
-    log = run_dir / slurm_render.LOG_PATTERN.replace("%j", job_id)
+    pattern = slurm_render.ARRAY_LOG_PATTERN if spec.sweep else slurm_render.LOG_PATTERN
+    log = folder / pattern.replace("%j", job_id).replace("%A", job_id)
     _record({
         "job_id": job_id,
-        "task": task,
+        "task": "sweep" if spec.sweep else "train",
         "name": spec.name,
-        "run_dir": str(run_dir),
+        "run_dir": str(folder),
         "log": str(log),
         "script": str(script_path),
-        "submitted_copy": str(job.paths.submission_file),
+        "submitted_copy": str(copy),
         "workdir": str(Path.cwd()),
         "slurm_conf": os.environ.get("SLURM_CONF"),
         "submitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
     })
-    print(f"fljob: submitted {spec.name} as SLURM job {job_id}; log {log}", file=sys.stderr)
-    return Handle("slurm", job_id)
+    what = f"a sweep of {spec.sweep.size} trials (array job)" if spec.sweep else "SLURM job"
+    print(f"fljob: submitted {spec.name} as {what} {job_id}; log {log}", file=sys.stderr)
+    return Handle(NAME, job_id)
 
 
 # --------------------------------------------------------------------------- status
@@ -320,29 +302,116 @@ def _state_word(state: str) -> str:
     return state.split()[0].rstrip("+") if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
 
 
-def status(handle: Handle) -> str:
+NATIVE_STATES: dict[str, JobState] = {
+    **dict.fromkeys(("PENDING", "CONFIGURING", "RESV_DEL_HOLD", "SUSPENDED", "STOPPED"), JobState.PENDING),
+    **dict.fromkeys(("RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING"), JobState.RUNNING),
+    **dict.fromkeys(("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"), JobState.REQUEUED),
+    "COMPLETED": JobState.COMPLETED,
+    **dict.fromkeys(("CANCELLED", "REVOKED"), JobState.CANCELLED),
+    "PREEMPTED": JobState.PREEMPTED,
+    **dict.fromkeys(("FAILED", "BOOT_FAIL", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "DEADLINE",
+                     "SPECIAL_EXIT"), JobState.FAILED),
+}
+
+
+def _ended(native: str | None) -> bool:
+    """Nothing more happens to a job in this state (None: no tool knows the job any more)."""
+    return native is None or NATIVE_STATES.get(native, JobState.UNKNOWN).ended
+
+
+def job_state(native: str, exit_code: int | None) -> JobState:
+    """fljob's state for a SLURM state word and the batch script's exit code: a job that
+    failed with the trainer's requeue code (its requeue budget spent) is PREEMPTED, with its
+    diverged code DIVERGED."""
+    state = NATIVE_STATES.get(native, JobState.UNKNOWN)
+    if state is JobState.FAILED and exit_code == REQUEUE:
+        return JobState.PREEMPTED
+    if state is JobState.FAILED and exit_code == DIVERGED:
+        return JobState.DIVERGED
+    return state
+
+
+def _exit_code(text: str) -> tuple[int | None, str]:
+    """'3:0' -> (3, ''); '0:15' -> (0, '15') (the signal); '' -> (None, '')."""
+    code, _, sig = text.partition(":")
+    return (int(code) if code.isdigit() else None), ("" if sig in ("", "0") else sig)
+
+
+def _job_status(handle: str, native: str, exit_text: str, run_dir: Path | None, log: Path | None,
+                details: list[tuple[str, str]], name: str | None = None) -> JobStatus:
+    code, sig = _exit_code(exit_text)
+    state = job_state(native, code)
+    if not state.ended:
+        code, sig = None, ""
+    if sig:
+        details.insert(0, ("signal", sig))
+    progress = run_progress(run_dir) if run_dir else None
+    return JobStatus(handle, state, native=native, exit_code=code,
+                     step=progress and progress.step, steps=progress and progress.steps,
+                     loss=progress and progress.loss, validation_loss=progress and progress.validation_loss,
+                     logs=str(log) if log else None, details=tuple(details), name=name)
+
+
+def status(handle: Handle) -> JobStatus | SweepStatus:
     job_id = _job_id(handle)
+    entry = _indexed_entry(job_id)
+    run_dir = Path(entry["run_dir"]) if entry else None
+    if run_dir is not None and "_" not in job_id and (run_dir / SWEEP_INDEX_FILE).is_file():
+        return _sweep_status(handle, job_id, run_dir)
     sacct, live = _query(job_id)
     # scontrol is exact while slurmctld holds the job; sacct (submitit's watcher) after that.
-    state = (live or {}).get("JobState") or _state_word(sacct.get("State", ""))
-    exit_code = (live or {}).get("ExitCode") or sacct.get("ExitCode", "")
-    parts = [f"{handle}", state]
-    if state in TERMINAL_STATES and exit_code:
-        code, _, sig = exit_code.partition(":")
-        parts.append(f"exit_code={code}")
-        if sig and sig != "0":
-            parts.append(f"signal={sig}")
-    if live and state not in TERMINAL_STATES and live.get("Reason") not in (None, "None"):
-        parts.append(f"reason={live['Reason']}")
+    native = (live or {}).get("JobState") or _state_word(sacct.get("State", ""))
+    details: list[tuple[str, str]] = []
+    if live and NATIVE_STATES.get(native) in (JobState.PENDING, JobState.REQUEUED) \
+            and live.get("Reason") not in (None, "None"):
+        details.append(("reason", live["Reason"]))
     if live and "Restarts" in live:
-        parts.append(f"restarts={live['Restarts']}")
+        details.append(("restarts", live["Restarts"]))
     elapsed = (live or {}).get("RunTime") or sacct.get("Elapsed")
     if elapsed:
-        parts.append(f"elapsed={elapsed}")
-    log = _log_path(job_id, sacct, live)
-    if log:
-        parts.append(f"log={log}")
-    return " ".join(parts)
+        details.append(("elapsed", elapsed))
+    exit_text = (live or {}).get("ExitCode") or sacct.get("ExitCode", "")
+    return _job_status(str(handle), native, exit_text, run_dir if "_" not in job_id else None,
+                       _log_path(job_id, sacct, live), details)
+
+
+def _array_tasks(job_id: str) -> dict[int, tuple[str, str, str]]:
+    """task index -> (state, exit code, restarts) of an array job: sacct for tasks that ran,
+    scontrol (exact while slurmctld holds them) on top; pending ranges ('2-5%2') expanded."""
+    tasks: dict[int, tuple[str, str, str]] = {}
+    done = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State,ExitCode"], f"looking up slurm://{job_id}")
+    lines = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 2] if done.returncode == 0 else []
+    for task_id, state, code in lines:
+        for index in _task_indices(task_id.partition("_")[2]):
+            tasks[index] = (_state_word(state), code, "")
+    for live in _scontrol_records(job_id):
+        for index in _task_indices(live.get("ArrayTaskId", "")):
+            tasks[index] = (live.get("JobState", "UNKNOWN"), live.get("ExitCode", ""), live.get("Restarts", ""))
+    return tasks
+
+
+def _task_indices(text: str) -> list[int]:
+    """'3' -> [3]; '[2-5%2]' or '2-5%2' -> [2, 3, 4, 5]; '1,4-5' -> [1, 4, 5]."""
+    out: list[int] = []
+    for part in text.strip("[]").split("%")[0].split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit() and (not high or high.isdigit()):
+            out += range(int(low), int(high or low) + 1)
+    return out
+
+
+def _sweep_status(handle: Handle, job_id: str, run_dir: Path) -> SweepStatus:
+    index = json.loads((run_dir / SWEEP_INDEX_FILE).read_text(encoding="utf-8"))
+    tasks = _array_tasks(job_id)
+    trials = []
+    for trial in index["trials"]:
+        i = trial["index"]
+        native, exit_text, restarts = tasks.get(i, ("UNKNOWN", "", ""))
+        details = [("restarts", restarts)] if restarts else []
+        log = run_dir / slurm_render.ARRAY_LOG_PATTERN.replace("%A", job_id).replace("%a", str(i))
+        trials.append(_job_status(f"slurm://{job_id}_{i}", native, exit_text, run_dir / trial["name"], log,
+                                  details, name=trial["name"]))
+    return SweepStatus(str(handle), index["sweep"], tuple(trials))
 
 
 # --------------------------------------------------------------------------- logs
@@ -375,7 +444,7 @@ def logs(handle: Handle, follow: bool = False) -> Iterator[str]:
     state = (live or {}).get("JobState") or _state_word(sacct.get("State", ""))
     if not follow:
         if not path.exists():
-            when = "ended" if state in TERMINAL_STATES else "is"
+            when = "ended" if _ended(state) else "is"
             print(f"fljob logs: slurm://{job_id} {when} {state}; it wrote no output ({path} does not exist)",
                   file=sys.stderr)
             return
@@ -402,7 +471,7 @@ def _follow(job_id: str, path: Path) -> Iterator[str]:
         now = time.monotonic()
         if now >= next_check:
             state = _live_state(job_id)
-            done = state is None or state in TERMINAL_STATES
+            done = _ended(state)
             next_check = now + STATE_POLL_S
         if path.exists():
             with open(path, "rb") as f:
@@ -427,13 +496,10 @@ def cancel(handle: Handle) -> None:
     job_id = _job_id(handle)
     sacct, live = _query(job_id)
     state = (live or {}).get("JobState") or _state_word(sacct.get("State", ""))
-    if state in TERMINAL_STATES:
+    if _ended(state):
         raise UsageError(f"slurm://{job_id} already ended ({state}); there is nothing to cancel")
     _require("scancel")
-    submitit = _submitit()
-    folder = Path(sacct.get("WorkDir") or Path.cwd()) / SUBMITIT_DIR
-    job = submitit.SlurmJob(folder=folder, job_id=job_id)
     try:
-        job.cancel(check=True)  # scancel <id>: the batch script and every step get SIGTERM, then SIGKILL
+        submitit_glue.cancel(job_id, Path(sacct.get("WorkDir") or Path.cwd()) / SUBMITIT_DIR)
     except subprocess.CalledProcessError as exc:
         raise UsageError(f"scancel {job_id} failed (exit {exc.returncode}); see its message above") from None

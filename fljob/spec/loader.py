@@ -307,4 +307,6 @@ def load_spec(path: str | Path, overrides: list[str] = (), site: str | Path | No
 def dump_spec(spec: JobSpec) -> str:
     """The resolved spec as YAML, byte-stable, for shipping beside the job."""
     header = "# Resolved fljob job spec: every default filled in. Shipped with the job; the trainer reads it.\n"
-    return header + yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=100)
+    unset = {name for name in ("sweep", "trial") if getattr(spec, name) is None}  # plain jobs stay as they were
+    data = spec.model_dump(mode="json", exclude=unset)
+    return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)

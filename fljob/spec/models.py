@@ -682,6 +682,8 @@ class JobSpec(Strict):
     # Where each field came from ("spec.yaml:12:3" or "--set ..."), filled in by the loader so
     # that checks made after validation (by a backend) can point at the line too.
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+    # A sweep's trials, once expanded (fljob.spec.sweep.expand): specs are not changed after loading.
+    _trials: list[Any] | None = PrivateAttr(default=None)
 
     def origin(self, field: str = "") -> str:
         """The position of `field` (dotted), or of its nearest ancestor that has one."""

@@ -17,7 +17,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fljob.spec.loader import Problem, SpecError, apply_override, parse_override, validation_problems
+from fljob.spec.loader import (
+    Problem,
+    SpecError,
+    apply_override,
+    parse_override,
+    validation_problems,
+)
 from fljob.spec.models import DERIVED_NAME_SUFFIXES, DNS1035, JobSpec, TrialInfo, grid_field_aliases
 
 SWEEP_INDEX_FILE = "sweep.json"
@@ -64,6 +70,13 @@ def expand(spec: JobSpec) -> list[Trial]:
     """Every trial of ``spec``'s sweep, validated; SpecError lists what is wrong, by trial."""
     if spec.sweep is None:
         raise ValueError("expand() needs a spec with a sweep: block")
+    if spec._trials is None:
+        spec._trials = _expand(spec)
+    return list(spec._trials)
+
+
+def _expand(spec: JobSpec) -> list[Trial]:
+    assert spec.sweep is not None
     base = spec.model_dump(mode="json", exclude={"sweep"})
     grid_origins = {key: spec.origin(f"sweep.grid.{key}") for key in spec.sweep.grid}
     trials: list[Trial] = []
@@ -90,7 +103,7 @@ def expand(spec: JobSpec) -> list[Trial]:
         try:
             trial_spec = JobSpec.model_validate(data)
         except ValidationError as exc:
-            def origin_of(loc: tuple[str | int, ...]) -> str:
+            def origin_of(loc: tuple[str | int, ...], overrides: dict[str, Any] = overrides) -> str:
                 field = ".".join(str(part) for part in loc)
                 key = next((k for k in overrides if field == k or field.startswith(f"{k}.")), None)
                 return grid_origins[key] if key else spec.origin(field)
