@@ -199,6 +199,7 @@ class Submission:
     files: tuple[RenderedFile, ...]  # names relative to folder; a sweep's trials in subfolders
     command: str  # what submit runs once the files are written, as a person would type it
     spec: JobSpec
+    task: Task = "train"
     handle: Handle | None = None  # known before submitting (local, k8s), or assigned by the cluster
     trials: tuple[Trial, ...] = ()  # a sweep's, in trial order
 

@@ -105,7 +105,7 @@ def plan(spec: JobSpec, task: Task = "train") -> Submission:
     folder = Path(spec.resolved_run_dir).absolute()
     files = tuple(render(spec, task))
     return Submission(NAME, folder, files, shell_join(apply_argv(folder / kubernetes_render.MANIFEST_FILE)),
-                      spec, Handle(NAME, f"{spec.kubernetes.namespace}/{spec.name}"))
+                      spec, task, Handle(NAME, f"{spec.kubernetes.namespace}/{spec.name}"))
 
 
 def submit(plan: Submission) -> Handle:

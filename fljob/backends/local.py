@@ -116,11 +116,11 @@ def plan(spec: JobSpec, task: Task = "train") -> Submission:
     folder = Path(spec.resolved_run_dir).resolve()
     files = tuple(render(spec, task))
     if spec.sweep is None:
-        return Submission(NAME, folder, files, f"bash {folder / SCRIPT_FILE}", spec, Handle(NAME, str(folder)))
+        return Submission(NAME, folder, files, f"bash {folder / SCRIPT_FILE}", spec, task, Handle(NAME, str(folder)))
     trials = tuple(expand(spec))
     command = (f"bash <trial>/{SCRIPT_FILE} for each of the {len(trials)} trials, "
                f"{min(spec.sweep.parallel, len(trials))} at a time")
-    return Submission(NAME, folder, files, command, spec, Handle(NAME, str(folder)), trials)
+    return Submission(NAME, folder, files, command, spec, task, Handle(NAME, str(folder)), trials)
 
 
 # --------------------------------------------------------------------------- processes and state

@@ -247,7 +247,7 @@ def plan(spec: JobSpec, task: Task = "train") -> Submission:
     folder = Path(spec.resolved_run_dir).absolute()
     files = tuple(render(spec, task))
     return Submission(NAME, folder, files, f"sbatch {shlex.quote(str(folder / slurm_render.SCRIPT_FILE))}",
-                      spec)
+                      spec, task)
 
 
 def submit(plan: Submission) -> Handle:
@@ -268,7 +268,8 @@ def submit(plan: Submission) -> Handle:
     log = folder / pattern.replace("%j", job_id).replace("%A", job_id)
     _record({
         "job_id": job_id,
-        "task": "sweep" if spec.sweep else "train",
+        "task": plan.task,
+        "sweep": spec.sweep is not None,
         "name": spec.name,
         "run_dir": str(folder),
         "log": str(log),
@@ -419,7 +420,9 @@ def _sweep_status(handle: Handle, job_id: str, run_dir: Path) -> SweepStatus:
 
 def _log_path(job_id: str, sacct: dict[str, str], live: dict[str, str] | None) -> Path | None:
     if live and live.get("StdOut"):
-        return Path(live["StdOut"].replace("%j", job_id).replace("%x", live.get("JobName", "")))
+        base, _, task = job_id.partition("_")
+        return Path(live["StdOut"].replace("%j", live.get("JobId", job_id)).replace("%x", live.get("JobName", ""))
+                    .replace("%A", base).replace("%a", task))
     return _indexed_log(job_id, sacct)
 
 

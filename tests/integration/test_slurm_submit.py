@@ -51,21 +51,26 @@ class Cluster:
         path.write_text(text)
         return path
 
-    def submit(self, spec: Path, *sets: str) -> tuple[str, Path]:
+    def submit(self, spec: Path, *sets: str, env: dict[str, str] | None = None) -> tuple[str, Path]:
+        """Submit the doctor task; `env` is added to the submitting environment (the job inherits it)."""
         run_dir = self.tmp / "run"
         args = ["submit", "--backend", "slurm", str(spec), "--doctor", "--set", f"run_dir={run_dir}"]
         for s in sets:
             args += ["--set", s]
-        out = self.fljob(*args).stdout
-        match = HANDLE.search(out)
-        assert match, f"no slurm://<id> handle in {out!r}"
+        proc = subprocess.run(["fljob", *args], env={**self.env, **(env or {})}, cwd=self.tmp,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        match = HANDLE.search(proc.stdout)
+        assert match, f"no slurm://<id> handle in {proc.stdout!r}"
         self.jobs.append(match.group(1))
         return match.group(1), run_dir
 
     def hooked(self, spec: Path, mode: str, *sets: str) -> tuple[str, Path, Path]:
+        """The worker hook rides in the submitting environment: a spec may not set PYTHONPATH or
+        FLJOB_* (they would change what runs), but sbatch passes the environment on."""
         markers = self.tmp / "markers"
-        job_id, run_dir = self.submit(spec, f"env.PYTHONPATH={HOOK_DIR}", f"env.FLJOB_TEST_WORKER={mode}",
-                                      f"env.FLJOB_TEST_MARKERS={markers}", *sets)
+        job_id, run_dir = self.submit(spec, *sets, env={"PYTHONPATH": str(HOOK_DIR), "FLJOB_TEST_WORKER": mode,
+                                                        "FLJOB_TEST_MARKERS": str(markers)})
         return job_id, run_dir, markers
 
     def status(self, job_id: str) -> str:
@@ -135,7 +140,7 @@ def test_doctor_job_runs_two_ranks_and_completes(cluster):
 
     line = cluster.status(job_id)
     assert line.split()[:2] == [handle, "COMPLETED"], line
-    assert "exit_code=0" in line and f"log={run_dir}/slurm-{job_id}.out" in line, line
+    assert "exit_code=0" in line and f"logs={run_dir}/slurm-{job_id}.out" in line, line
 
     logs = cluster.fljob("logs", handle).stdout
     for text in (followed, logs):
@@ -173,7 +178,7 @@ def test_logs_found_through_the_index_after_the_controller_forgets(cluster, monk
     monkeypatch.setattr(slurm, "_scontrol_job", lambda _id: None)  # as if purged from slurmctld
     text = "".join(slurm.logs(Handle("slurm", job_id), follow=False))
     assert "fljob doctor: rank=0 world_size=2" in text
-    assert slurm.status(Handle("slurm", job_id)).split()[1] == "COMPLETED"  # from sacct alone
+    assert slurm.status(Handle("slurm", job_id)).state.value == "COMPLETED"  # from sacct alone
 
 
 def test_dry_run_and_user_errors(cluster):
@@ -181,10 +186,10 @@ def test_dry_run_and_user_errors(cluster):
     before = cluster.run("squeue", "-h", "-o", "%i").stdout.split()
     out = cluster.fljob("submit", "--backend", "slurm", str(spec), "--set", f"run_dir={cluster.tmp / 'dry'}",
                         "--dry-run").stdout
-    assert f"sbatch {cluster.tmp / 'dry' / 'job.sbatch'}" in out and "nothing submitted" in out
+    assert f"then run: sbatch {cluster.tmp / 'dry' / 'job.sbatch'}" in out and "nothing written, nothing run" in out
     assert not HANDLE.search(out)
     assert cluster.run("squeue", "-h", "-o", "%i").stdout.split() == before
-    assert not (cluster.tmp / "dry" / "jobs.json").exists()
+    assert not (cluster.tmp / "dry").exists()
 
     unknown = cluster.fljob("status", "slurm://987654", check=False)
     assert unknown.returncode == 2 and "no such job" in unknown.stderr and "Traceback" not in unknown.stderr
@@ -230,9 +235,10 @@ def test_requeue_trailer_stops_at_the_budget(cluster):
     spec = cluster.spec("slurm-requeue", max_restarts=2)
     job_id, run_dir, _ = cluster.hooked(spec, "exit75")
     t0 = time.monotonic()
-    line = cluster.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240)
+    line = cluster.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "PREEMPTED"}, timeout=240)
     print(f"3 runs with 2 requeues in {time.monotonic() - t0:.1f} s")
-    assert line.split()[1] == "FAILED" and "exit_code=75" in line and "restarts=2" in line, line
+    # SLURM says FAILED; with the trainer's requeue code that is "checkpointed, no retry left".
+    assert line.split()[1:4] == ["PREEMPTED", "native=FAILED", "exit_code=75"] and "restarts=2" in line, line
 
     log = cluster.fljob("logs", f"slurm://{job_id}").stdout
     starts = re.findall(rf"fljob: job {job_id} restart (\d+) on", log)
@@ -273,3 +279,44 @@ def test_usr2_reaches_the_workers_and_the_job_requeues(cluster):
     cluster.fljob("cancel", f"slurm://{job_id}")
     cluster.wait_state(job_id, {"CANCELLED"}, timeout=60)
     assert [s for s, _ in cluster.sacct(job_id)] == ["REQUEUED", "CANCELLED"]
+
+
+# --------------------------------------------------------------------------- (d) a sweep as one array job
+
+
+def test_sweep_is_one_array_job_each_task_training_its_trial(cluster):
+    """Three trials of the tiny model, two at a time: one sbatch, each array task reads its
+    trial from trials.tsv, trains it in its own folder, and status shows the table."""
+    spec = cluster.tmp / "sweep.yaml"
+    spec.write_text(
+        "name: slurm-sweep\n"
+        f"run_dir: {cluster.tmp / 'sweep'}\n"
+        f"slurm: {{time: '00:10:00', rdzv_port: {free_port()}}}\n"
+        "training: {steps: 3, local_batch_size: 2, seq_len: 32}\n"
+        "metrics: {enabled: false}\n"
+        "sweep: {grid: {optimizer.lr: [0.001, 0.003, 0.01]}, parallel: 2}\n")
+    out = cluster.fljob("submit", "--backend", "slurm", str(spec)).stdout
+    job_id = HANDLE.search(out).group(1)
+    cluster.jobs.append(job_id)
+    folder = cluster.tmp / "sweep"
+    script = (folder / "job.sbatch").read_text()
+    assert "#SBATCH --array=0-2%2" in script and f"#SBATCH --output={folder}/slurm-%A_%a.out" in script
+
+    def finished() -> bool:
+        lines = cluster.fljob("status", f"slurm://{job_id}").stdout.splitlines()[2:]
+        return len(lines) == 3 and all(line.split()[2] in ("COMPLETED", "FAILED") for line in lines)
+
+    wait_for(finished, 300, "every trial of the array to end")
+    status = cluster.fljob("status", f"slurm://{job_id}").stdout.splitlines()
+    assert status[0] == f"slurm://{job_id} SWEEP slurm-sweep: 3 trials: 3 COMPLETED", "\n".join(status)
+    for i, line in enumerate(status[2:]):
+        _, name, state, step, *_ = line.split()
+        assert (name, state, step) == (f"slurm-sweep-{i}", "COMPLETED", "3/3"), line
+        log = (folder / f"slurm-{job_id}_{i}.out").read_text()
+        assert f"trial {i} (slurm-sweep-{i})" in log
+        records = [json.loads(r) for r in (folder / f"slurm-sweep-{i}" / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["step"] == 3
+        assert records[-1]["lr"]  # trained with this trial's learning rate (warm-up: a fraction of it)
+    task = json.loads(cluster.fljob("status", "--json", f"slurm://{job_id}_1").stdout)
+    assert task["state"] == "COMPLETED" and task["logs"] == str(folder / f"slurm-{job_id}_1.out")
+    assert "slurm-sweep-1" in cluster.fljob("logs", f"slurm://{job_id}_1").stdout
