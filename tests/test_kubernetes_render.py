@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import k8s_validation
 import kubernetes_validate
 import pytest
 import yaml
@@ -36,9 +37,7 @@ from fljob.spec import JobSpec, SpecError, load_spec, load_spec_text
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "k8s"
-CRD_DIR = REPO.parent / "shared" / "schemas" / "kubeflow"
-CRD_FILE = CRD_DIR / "kubeflow.org_pytorchjobs.v1.9.4.yaml"
-K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest and newest Kubernetes the operator 1.9 era runs on
+K8S_VERSIONS = k8s_validation.K8S_VERSIONS
 GOLDEN_SPECS = ("cpu-1node", "gpu-4node")
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
@@ -201,10 +200,6 @@ def test_doctor_task_runs_the_distributed_preflight() -> None:
     ({"env": {"FLJOB_SPEC": "/tmp/other.yaml"}}, "env.FLJOB_SPEC", "is set by the launcher"),
     ({"kubernetes": {"labels": {"fljob.dev/role": "worker"}}}, "kubernetes.labels.fljob.dev/role",
      "sets this label itself"),
-    ({"kubernetes": {"annotations": {"bad key": "x"}}}, "kubernetes.annotations.bad key", "annotation key"),
-    ({"kubernetes": {"affinity": {"nodeAfinity": {}}}}, "kubernetes.affinity.nodeAfinity", "nodeAffinity"),
-    ({"kubernetes": {"pod_monitor": {"interval": "15 sec"}}}, "kubernetes.pod_monitor.interval",
-     "Prometheus duration"),
     ({"name": "n" * 52, "resources": {"nodes": 2000}}, "name", "63 characters"),
 ])
 def test_check_names_the_field_and_the_fix(change: dict[str, Any], fields: str, words: str) -> None:
@@ -282,26 +277,9 @@ def test_render_fails_loudly_on_what_a_renderer_bug_could_produce(case: str) -> 
 # --------------------------------------------------------------------------- official CRD
 
 
-def _closed(schema: Any) -> Any:
-    """Reject unknown fields, as `kubectl apply` (strict field validation) and a structural
-    schema's pruning would make them fail or vanish; embedded objects stay open."""
-    if isinstance(schema, dict):
-        schema = {k: _closed(v) for k, v in schema.items()}
-        if ("properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
-            schema["additionalProperties"] = False
-    elif isinstance(schema, list):
-        schema = [_closed(v) for v in schema]
-    return schema
-
-
 @pytest.fixture(scope="module")
 def crd_validator() -> jsonschema.Validator:
-    if not CRD_FILE.exists():
-        pytest.skip(f"official CRD schemas not found: {CRD_DIR} is missing (a fresh clone has no ../shared)")
-    crd = yaml.load(CRD_FILE.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return jsonschema.Draft7Validator(_closed(v1["schema"]["openAPIV3Schema"]))
+    return k8s_validation.crd_validator()
 
 
 def test_pytorchjobs_pass_the_official_crd_schema(crd_validator: jsonschema.Validator) -> None:
@@ -321,29 +299,16 @@ def test_official_crd_check_would_catch_a_wrong_field(crd_validator: jsonschema.
 # --------------------------------------------------------------------------- Kubernetes OpenAPI
 
 
-def _k8s_validate(obj: dict[str, Any], version: str) -> None:
-    try:
-        kubernetes_validate.validate(obj, version, strict=True)
-    except kubernetes_validate.ValidationError as exc:  # its message embeds the whole schema
-        pytest.fail(f"{obj['kind']} {obj['metadata']['name']} ({version}): {str(exc).splitlines()[0]}")
-
-
-def as_pod_templates(job: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"apiVersion": "v1", "kind": "PodTemplate",
-             "metadata": {"name": f"{job['metadata']['name']}-{rtype.lower()}", "namespace": "x"},
-             "template": rspec["template"]} for rtype, rspec in job["spec"]["pytorchReplicaSpecs"].items()]
-
-
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_pod_templates_configmap_and_service_pass_the_kubernetes_openapi_schema(version: str) -> None:
     for docs in all_rendered():
         kinds = by_kind(docs)
-        for obj in [*as_pod_templates(kinds["PyTorchJob"]), kinds["ConfigMap"], *docs[2:3]]:
-            _k8s_validate(obj, version)
+        for obj in [*k8s_validation.as_pod_templates(kinds["PyTorchJob"]), kinds["ConfigMap"], *docs[2:3]]:
+            k8s_validation.openapi_validate(obj, version)
 
 
 def test_kubernetes_openapi_check_would_catch_a_wrong_pod_field() -> None:
-    (template,) = as_pod_templates(by_kind(kubernetes_render.objects(spec_of("cpu-1node")))["PyTorchJob"])
+    (template,) = k8s_validation.as_pod_templates(by_kind(kubernetes_render.objects(spec_of("cpu-1node")))["PyTorchJob"])
     template["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountpath"] = "/dev/shm"
     with pytest.raises(kubernetes_validate.ValidationError, match="'mountpath' was unexpected"):
         kubernetes_validate.validate(template, K8S_VERSIONS[-1], strict=True)
@@ -362,7 +327,7 @@ def test_kubectl_reads_the_manifest_and_the_kustomize_base(tmp_path: Path) -> No
     assert {(d["kind"], d["metadata"]["name"]) for d in base} == {("ServiceAccount", "fljob-trainer"),
                                                                   ("Role", "fljob-submitter")}
     for doc in base:
-        _k8s_validate({**doc, "metadata": {**doc["metadata"], "namespace": "x"}}, K8S_VERSIONS[-1])
+        k8s_validation.openapi_validate({**doc, "metadata": {**doc["metadata"], "namespace": "x"}}, K8S_VERSIONS[-1])
 
 
 # --------------------------------------------------------------------------- the pod's program

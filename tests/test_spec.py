@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fljob.spec import SpecError, dump_spec, load_spec, load_spec_text
+from fljob.spec.sweep import expand
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -51,10 +52,23 @@ BAD_SPECS = [
     ("storage:\n  access_key_id: {env: KEY}\n", "storage", 2, "both access_key_id and secret_access_key"),
     ("secret_env:\n  TOKEN: {}\n", "secret_env.TOKEN", 3, "at least one of env, k8s_secret or file"),
     ("parallelism:\n  tensor_parallel_degree: 3\nresources: {procs_per_node: 2}\n", "", 1, "must divide the world size"),
-    ("optimizer:\n  betas: [0.9, 1.5]\n", "optimizer.betas", 3, "[0, 1]"),
+    ("optimizer:\n  betas: [0.9, 1.5]\n", "optimizer.betas", 3, "[0, 1)"),
     ("schedule:\n  decay_type: exponential\n", "schedule.decay_type", 3, "'cosine'"),
     ("data:\n  streams: [{url: s3://x}]\n", "data.streams[0].url", 3, "Did you mean 'uri'"),
     ("model:\n  flavor: 1b\n", "model.flavor", 3, "nearest in size is '1.06B'"),
+    ("optimizer:\n  name: adamw\n  nus: [0.5, 1.0]\n", "optimizer", 2, "adamw would ignore it"),
+    ("optimizer:\n  name: qhadopt\n  nus: [0.5, 0.9]\n", "optimizer", 2, "qhadopt needs nus[1] = 1.0"),
+    ("training: {seq_len: 100}\nparallelism: {tensor_parallel_degree: 8}\nresources: {procs_per_node: 8}\n",
+     "", 1, "multiple of parallelism.tensor_parallel_degree"),
+    ("training: {device: cpu}\noptimizer: {implementation: fused}\n", "", 1, "CUDA only"),
+    ("model: {width: 100}\n", "model", 2, "not a positive multiple of the flavor's head_dim 16"),
+    ("data:\n  validation: [{uri: s3://b/val}]\n", "data", 2, "data.validation needs data.streams"),
+    ("data: {streams: [{uri: s3://b/train}]}\ntraining: {validation_interval: 10}\n", "", 1,
+     "add data.validation streams"),
+    ("sweep:\n  grid: {resources.nodes: [1, 2]}\n", "sweep.grid", 3, "cannot vary between trials"),
+    ("sweep:\n  grid: {optimizer.lr: []}\n", "sweep.grid", 3, "has no values"),
+    ("sweep:\n  grid: {optimizer.lr: [0.1]}\n  name_format: '{name}-{lr_rate}'\n", "sweep", 2,
+     "unknown: lr_rate"),
 ]
 
 
@@ -206,3 +220,25 @@ def test_site_profile_from_the_environment_and_its_errors_point_into_it(tmp_path
     assert "Did you mean 'partition'" in result.stderr
     ok = fljob("validate", "--site", str(SITE), "--print", str(spec))
     assert ok.returncode == 0 and "account: llm" in ok.stdout
+
+
+def test_a_bad_value_in_one_trial_names_the_trial_and_points_at_the_grid(tmp_path: Path) -> None:
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("name: sw\nsweep:\n  grid:\n    model.width: [64, 96]\n"
+                    "    optimizer.lr: [0.001, -1]\n  parallel: 2\n")
+    result = fljob("validate", str(spec))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert [line.split(": ", 2)[:2] for line in lines] == [[f"  {spec}:5:5", "optimizer.lr"]] * 2, result.stderr
+    assert "trial 1 (model.width=64, optimizer.lr=-1)" in lines[0] and "trial 3 (model.width=96" in lines[1]
+    spec.write_text("name: sw\nsweep: {grid: {optimizer.lr: [0.001, 0.002]}, name_format: '{name}-x'}\n")
+    assert "must name each trial apart" in fljob("validate", str(spec)).stderr
+
+
+def test_a_sweep_validates_every_trial_and_says_how_many(tmp_path: Path) -> None:
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("name: sw\nsweep: {grid: {model.mup: [true, false], optimizer.lr: [0.001, 0.002, 0.004]}}\n")
+    result = fljob("validate", str(spec))
+    assert result.returncode == 0 and "a sweep of 6 trials" in result.stdout, result.stderr
+    names = [t.name for t in expand(load_spec(spec))]
+    assert names == [f"sw-{i}" for i in range(6)]

@@ -18,19 +18,11 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from fljob.spec.models import (
-    DNS1035,
-    DNS1123_SUBDOMAIN,
-    ENV_NAME,
-    K8S_QUANTITY,
-    LABEL_KEY,
-    LABEL_VALUE,
-)
+from fljob.spec.k8s_fields import DNS1123_SUBDOMAIN, LABEL_KEY, LABEL_VALUE, PROM_DURATION
+from fljob.spec.models import DNS1035, ENV_NAME, K8S_QUANTITY
 
 CONTAINER_NAME = "pytorch"  # the webhook requires a container of this name in every replica
 REPLICA_TYPES = ("Master", "Worker")
-# Prometheus operator's Duration type.
-PROM_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 # IANA service name: what a named container port may be called.
 PORT_NAME = r"^(?=.{1,15}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 
@@ -110,7 +102,7 @@ DEFS: dict[str, Any] = {
         "tolerations": _array(_ref("toleration")),
         "affinity": _ref("affinity"),
         "priorityClassName": _ref("dns1123subdomain"),
-        "schedulerName": _STR,
+        "schedulerName": _ref("dns1123subdomain"),
         "imagePullSecrets": _array(_obj({"name": _ref("dns1123subdomain")}, ("name",))),
     }, ("containers", "volumes", "terminationGracePeriodSeconds")),
     "replicaSpec": _obj({
@@ -135,6 +127,7 @@ KINDS: dict[tuple[str, str], dict[str, Any]] = {
                 "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
                 "ttlSecondsAfterFinished": _NONNEG,
                 "cleanPodPolicy": {"enum": ["All", "Running", "None"]},
+                "suspend": _BOOL,
                 "schedulingPolicy": _obj({"minAvailable": {"type": "integer", "minimum": 1},
                                           "queue": {"type": "string", "minLength": 1},
                                           "priorityClass": _ref("dns1123subdomain")}, ("minAvailable",)),
@@ -158,7 +151,7 @@ KINDS: dict[tuple[str, str], dict[str, Any]] = {
             "podMetricsEndpoints": _array(_obj({
                 "port": {"type": "string", "pattern": PORT_NAME},
                 "path": {"type": "string", "pattern": "^/"},
-                "interval": {"type": "string", "pattern": PROM_DURATION},
+                "interval": {"type": "string", "pattern": PROM_DURATION.pattern},
                 "honorLabels": _BOOL,
             }, ("port", "path", "interval")), minItems=1),
         }, ("selector", "podMetricsEndpoints")),

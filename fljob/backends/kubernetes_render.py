@@ -21,7 +21,6 @@ Secret values never appear: credentials are `secretKeyRef`s naming a Secret and 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import yaml
@@ -40,7 +39,7 @@ from fljob.backends.base import (
 from fljob.backends.shell import forward_and_wait
 from fljob.exitcodes import REQUEUE
 from fljob.spec import JobSpec, Problem, SpecError, dump_spec, problem_at
-from fljob.spec.models import LABEL_KEY, Toleration
+from fljob.spec.k8s_fields import KUEUE_QUEUE_LABEL, Toleration
 from fljob.spec.sweep import expand
 
 MANIFEST_FILE = "job.k8s.yaml"
@@ -62,7 +61,6 @@ NAME_LABEL, INSTANCE_LABEL, JOB_LABEL, ROLE_LABEL, TASK_LABEL, SWEEP_LABEL, TRIA
 OWNED_LABELS = (NAME_LABEL, INSTANCE_LABEL, "app.kubernetes.io/managed-by", JOB_LABEL, ROLE_LABEL, TASK_LABEL,
                 SWEEP_LABEL, TRIAL_LABEL)
 
-_DURATION = re.compile(k8s_schema.PROM_DURATION)
 
 
 # --------------------------------------------------------------------------- checks
@@ -83,17 +81,6 @@ def job_problems(spec: JobSpec) -> list[Problem]:
     for field, keys in (("kubernetes.labels", k.labels), ("kubernetes.pod_monitor.labels", k.pod_monitor.labels)):
         problems += [problem_at(spec, f"{field}.{key}", "fljob sets this label itself (its selectors use it); "
                                 "use another key.") for key in sorted(set(keys) & set(OWNED_LABELS))]
-    problems += [problem_at(spec, f"kubernetes.annotations.{key}", "is not a valid annotation key "
-                            "(an optional DNS prefix and '/', then a name of at most 63 characters).")
-                 for key in sorted(k.annotations) if not LABEL_KEY.match(key) or len(key.rsplit("/", 1)[-1]) > 63]
-    if k.affinity is not None:
-        problems += [problem_at(spec, f"kubernetes.affinity.{key}", "is not an affinity kind; use nodeAffinity, "
-                                "podAffinity or podAntiAffinity (camelCase, as in a pod spec).")
-                     for key in k.affinity if key not in ("nodeAffinity", "podAffinity", "podAntiAffinity")]
-    interval = k.pod_monitor.interval
-    if spec.metrics.enabled and k.pod_monitor.enabled and not (interval and _DURATION.fullmatch(interval)):
-        problems.append(problem_at(spec, "kubernetes.pod_monitor.interval",
-                                   f"{k.pod_monitor.interval!r} is not a Prometheus duration; use e.g. 15s or 1m."))
     last_pod = pod_names(spec)[-1]
     if len(last_pod) > 63:
         problems.append(problem_at(spec, "name", f"the operator names a pod and its Service {last_pod!r}, longer "
@@ -233,7 +220,7 @@ def _pod_template(spec: JobSpec, task: Task, role: str) -> dict[str, Any]:
         "serviceAccountName": k.service_account,
         "nodeSelector": dict(sorted(k.node_selector.items())) or None,
         "tolerations": [_toleration(t) for t in k.tolerations] or None,
-        "affinity": k.affinity,
+        "affinity": (k.affinity.to_pod_spec() or None) if k.affinity else None,  # {} says nothing
         "priorityClassName": k.priority_class,
         "schedulerName": k.scheduler_name,
         "imagePullSecrets": [{"name": n} for n in k.image_pull_secrets] or None,
@@ -260,13 +247,19 @@ def pytorchjob(spec: JobSpec, task: Task) -> dict[str, Any]:
     if k.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
     run_policy["cleanPodPolicy"] = k.clean_pod_policy
-    if k.queue or k.priority_class:
-        scheduling = {"minAvailable": spec.resources.nodes, "queue": k.queue, "priorityClass": k.priority_class}
+    volcano = k.scheduler_name == "volcano"
+    if volcano or k.priority_class:  # gang scheduling (Volcano, scheduler-plugins) reads these
+        scheduling = {"minAvailable": spec.resources.nodes, "queue": k.queue if volcano else None,
+                      "priorityClass": k.priority_class}
         run_policy["schedulingPolicy"] = {key: v for key, v in scheduling.items() if v is not None}
+    labels = {TASK_LABEL: task}
+    if k.queue and not volcano:  # Kueue: created suspended, admitted (unsuspended) from the queue
+        labels[KUEUE_QUEUE_LABEL] = k.queue
+        run_policy["suspend"] = True
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": _metadata(spec, spec.name, _labels(spec, {TASK_LABEL: task}), annotations=True),
+        "metadata": _metadata(spec, spec.name, _labels(spec, labels), annotations=True),
         "spec": {
             "nprocPerNode": str(spec.resources.nproc_per_node),
             "pytorchReplicaSpecs": {

@@ -13,25 +13,41 @@ import math
 import re
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from fljob.spec.k8s_fields import (
+    KUEUE_QUEUE_LABEL,
+    PROM_DURATION,
+    Affinity,
+    Toleration,
+    check_annotations,
+    check_label_value,
+    check_labels,
+    check_subdomain,
+)
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 # A value on an #SBATCH line: sbatch reads these lines itself, so keep them to one plain word.
 SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,:;|&@%+=*!/()\[\]<>-]+$")
 K8S_QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 SECRET_LIKE_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY)")
-# Kubernetes label keys: optional DNS-1123 prefix and a name of at most 63 characters.
-LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 # The suffixes the renderers append to `name`; every derived object name must stay within 63.
 DERIVED_NAME_SUFFIXES = ("-spec", "-metrics", "-master-0", "-worker-99")
 
 OptimizerName = Literal["adopt", "qhadamw", "qhadopt", "decoupled_adamw", "adamw"]
 OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+QUASI_HYPERBOLIC_OPTIMIZERS = ("qhadamw", "qhadopt")  # the ones that take `nus`
 
 
 class Strict(BaseModel):
@@ -51,18 +67,6 @@ def _check_dns1035(value: str, what: str) -> str:
     return value
 
 
-def _check_labels(labels: dict[str, str], what: str) -> dict[str, str]:
-    for key, value in labels.items():
-        if not LABEL_KEY.match(key) or len(key.rsplit("/", 1)[-1]) > 63:
-            raise ValueError(f"{what} key {key!r} is not a valid Kubernetes label key")
-        if len(value) > 63 or not LABEL_VALUE.match(value):
-            raise ValueError(
-                f"{what} value {value!r} for {key!r} is not a valid Kubernetes label value "
-                "(at most 63 characters: letters, digits, '-', '_', '.', alphanumeric at both ends)"
-            )
-    return labels
-
-
 # --------------------------------------------------------------------------- secrets
 
 
@@ -75,9 +79,7 @@ class KubernetesSecretKey(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if len(v) > 253 or not DNS1123_SUBDOMAIN.match(v):
-            raise ValueError(f"Secret name {v!r} is not a valid DNS-1123 subdomain")
-        return v
+        return check_subdomain(v, "Secret name")
 
 
 class SecretRef(Strict):
@@ -226,14 +228,6 @@ class Slurm(Strict):
 # --------------------------------------------------------------------------- Kubernetes
 
 
-class Toleration(Strict):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
-
-
 class PodMonitorSpec(Strict):
     enabled: bool = True
     labels: dict[str, str] = Field(
@@ -242,20 +236,32 @@ class PodMonitorSpec(Strict):
     )
     interval: str = "15s"
 
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: str) -> str:
+        if not PROM_DURATION.fullmatch(v) or v == "":
+            raise ValueError(f"{v!r} is not a Prometheus duration; use e.g. 15s or 1m")
+        return v
+
     @field_validator("labels")
     @classmethod
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        return _check_labels(v, "podmonitor label")
+        return check_labels(v, "podmonitor label")
 
 
 class Kubernetes(Strict):
     namespace: str = "default"
-    service_account: str | None = None
+    service_account: str | None = Field(None, description="Service account of the pods (a DNS-1123 subdomain).")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
-    affinity: dict | None = Field(None, description="A Kubernetes Affinity object, as in a pod spec.")
-    priority_class: str | None = None
-    queue: str | None = Field(None, description="Scheduling queue (Volcano/Kueue), runPolicy.schedulingPolicy.queue.")
+    affinity: Affinity | None = Field(
+        None, description="A Kubernetes Affinity object, as in a pod spec (camelCase keys: nodeAffinity, "
+                          "podAffinity, podAntiAffinity), checked as the API server checks it.")
+    priority_class: str | None = Field(None, description="PriorityClass of the pods (a DNS-1123 subdomain).")
+    queue: str | None = Field(
+        None, description="Kueue LocalQueue: becomes the kueue.x-k8s.io/queue-name label and the job is created "
+                          "suspended until Kueue admits it (k8s/README.md); with scheduler_name volcano, the "
+                          "Volcano queue of runPolicy.schedulingPolicy instead.")
     scheduler_name: str | None = None
     shm_size: str = Field("16Gi", description="Size of the memory-backed /dev/shm.")
     image_pull_secrets: list[str] = Field(default_factory=list)
@@ -278,6 +284,26 @@ class Kubernetes(Strict):
     def _ns(cls, v: str) -> str:
         return _check_dns1035(v, "namespace")
 
+    @field_validator("service_account", "priority_class", "scheduler_name")
+    @classmethod
+    def _subdomain(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else check_subdomain(v, info.field_name or "name")
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        check_subdomain(v, "queue")
+        return check_label_value(v, "queue (it becomes a label value)")
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, v: list[str]) -> list[str]:
+        for name in v:
+            check_subdomain(name, "image pull Secret")
+        return v
+
     @field_validator("shm_size")
     @classmethod
     def _shm(cls, v: str) -> str:
@@ -288,7 +314,19 @@ class Kubernetes(Strict):
     @field_validator("labels", "node_selector")
     @classmethod
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        return _check_labels(v, "label")
+        return check_labels(v, "label")
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_annotations(v)
+
+    @model_validator(mode="after")
+    def _kueue(self) -> Kubernetes:
+        if self.queue and KUEUE_QUEUE_LABEL in self.labels and self.scheduler_name != "volcano":
+            raise ValueError(f"set the Kueue queue once: kubernetes.queue ({self.queue!r}) becomes the "
+                             f"{KUEUE_QUEUE_LABEL} label; remove it from kubernetes.labels")
+        return self
 
 
 # --------------------------------------------------------------------------- training
@@ -365,12 +403,30 @@ class Optimizer(Strict):
         "foreach (multi-tensor ops) or single_tensor; auto is fused on CUDA, foreach on CPU.")
     grad_clip_norm: float | None = Field(1.0, gt=0)
 
-    @field_validator("betas", "nus")
+    @field_validator("betas")
     @classmethod
-    def _unit_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= x <= 1.0 for x in v):
-            raise ValueError(f"{v} must be two numbers in [0, 1]")
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= x < 1.0 for x in v):
+            raise ValueError(f"betas {v} must be two numbers in [0, 1) (a beta of 1 never forgets)")
         return v
+
+    @field_validator("nus")
+    @classmethod
+    def _nus(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= x <= 1.0 for x in v):
+            raise ValueError(f"nus {v} must be two numbers in [0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _optimizer_specific(self) -> Optimizer:
+        # Compared with the default, not "was it set": resolved specs (shipped, trials) carry every field.
+        if tuple(self.nus) != type(self).model_fields["nus"].default and self.name not in QUASI_HYPERBOLIC_OPTIMIZERS:
+            raise ValueError(f"nus is used only by {' and '.join(QUASI_HYPERBOLIC_OPTIMIZERS)}; {self.name} "
+                             "would ignore it: remove nus, or choose one of those optimizers")
+        if self.name == "qhadopt" and self.nus[1] != 1.0:
+            raise ValueError(f"qhadopt needs nus[1] = 1.0 (got {self.nus[1]}): it keeps ADOPT's normaliser, "
+                             "so only nu1 mixes; use qhadamw to mix the second moment too")
+        return self
 
 
 class Schedule(Strict):
@@ -677,6 +733,12 @@ class JobSpec(Strict):
                 f"parallelism.tensor_parallel_degree ({tp}) must divide the world size "
                 f"(nodes x procs per node = {world})"
             )
+        if self.training.seq_len % tp:
+            raise ValueError(f"training.seq_len ({self.training.seq_len}) must be a multiple of "
+                             f"parallelism.tensor_parallel_degree ({tp}): sequence parallelism splits it")
+        if self.optimizer.implementation == "fused" and self.training.device == "cpu":
+            raise ValueError("optimizer.implementation fused runs Triton kernels on CUDA only; training.device is "
+                             "cpu: use auto or foreach")
         return self
 
     # Where each field came from ("spec.yaml:12:3" or "--set ..."), filled in by the loader so
