@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 STREAMING ?= mosaicml-streaming==0.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test bench-startup clean
+.PHONY: setup run test test-fast bench-startup clean
 
 setup: $(VENV)/.fljob-installed
 
@@ -27,6 +27,10 @@ run: setup
 # pytest exits 5 when it collects nothing; that is not a failure of the suite.
 test: setup
 	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# The inner loop: unit and golden tests, no servers, no multi-second training runs (a few minutes).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/integration; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench-startup: setup
 	$(BIN)/python bench/startup.py

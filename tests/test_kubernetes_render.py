@@ -259,10 +259,10 @@ BROKEN = {  # what a renderer bug could produce -> the part of the message that 
     "env with value and valueFrom": (MASTER + ("template", "spec", "containers", 0, "env", 0, "valueFrom"),
                                      {"secretKeyRef": {"name": "s", "key": "k"}}, "fields is outside"),
     "no image": (MASTER + ("template", "spec", "containers", 0, "image"), KeyError, "image is required"),
-    "service misses the master": ((2, "spec", "selector", "fljob.dev/role"), "worker", "does not select the master"),
+    "service misses the master": ((2, "spec", "selector", "fljob.dev/role"), "worker", "does not select every job"),
     "podmonitor on a missing port": ((3, "spec", "podMetricsEndpoints", 0, "port"), "prom", "does not declare"),
     "configmap not mounted": (MASTER + ("template", "spec", "volumes", 1, "configMap", "name"), "other",
-                              "not the rendered one"),
+                              "not one rendered with it"),
 }
 
 
@@ -624,3 +624,114 @@ def test_render_imports_nothing_heavy() -> None:
                           capture_output=True, text=True, check=True)
     assert done.stderr.strip() == "[]"
     assert done.stdout == "# ---- job.k8s.yaml\n" + (GOLDEN / "gpu-4node.train.k8s.yaml").read_text()
+
+
+# --------------------------------------------------------------------------- Trainer v2: TrainJob
+
+TRAINJOB_CRD = k8s_validation.CRD_DIR / "trainer.kubeflow.org_trainjobs.v2.3.0.yaml"
+RUNTIME_CRD = k8s_validation.CRD_DIR / "trainer.kubeflow.org_clustertrainingruntimes.v2.3.0.yaml"
+RUNTIME = REPO / "k8s" / "trainjob-runtime.yaml"
+
+
+def trainjob_spec(*overrides: str) -> JobSpec:
+    return spec_of("gpu-4node", ["kubernetes.api=trainjob", "kubernetes.priority_class=null",
+                                 "kubernetes.scheduler_name=null", "kubernetes.image_pull_policy=IfNotPresent",
+                                 "kubernetes.backoff_limit=3", "kubernetes.labels={team: pretraining}", *overrides])
+
+
+def node_pod(job: dict[str, Any]) -> dict[str, Any]:
+    """The `node` pod Trainer v2 creates: the runtime's template, the TrainJob's trainer fields
+    and its runtime patch merged as the Trainer's controller does (container by name)."""
+    runtime = yaml.safe_load(RUNTIME.read_text())
+    (runtime_job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    pod = copy.deepcopy(runtime_job["template"]["spec"]["template"])
+    (patch,) = job["spec"]["runtimePatches"]
+    (patched,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    overlay = patched["template"]["spec"]["template"]
+    pod.setdefault("metadata", {}).setdefault("labels", {}).update(overlay["metadata"]["labels"])
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    for c in overlay["spec"]["containers"]:
+        containers[c["name"]].update(c)
+    pod["spec"].update({k: v for k, v in overlay["spec"].items() if k != "containers"})
+    trainer = job["spec"]["trainer"]
+    node = containers[kubernetes_render.TRAINJOB_NODE]
+    node.update(image=trainer["image"], command=trainer["command"], env=trainer["env"],
+                resources=trainer.get("resourcesPerNode", {}))
+    return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "node", "namespace": "x"}, "template": pod}
+
+
+def test_trainjob_passes_the_official_v2_crds_and_its_pod_the_openapi_schema() -> None:
+    spec = trainjob_spec()
+    docs = docs_of(spec)
+    assert [d["kind"] for d in docs] == ["ConfigMap", "TrainJob", "PodMonitor"]
+    job = by_kind(docs)["TrainJob"]
+    validator = k8s_validation.crd_validator(TRAINJOB_CRD, "v1alpha1")
+    assert [e.message for e in validator.iter_errors(job)] == []
+    runtime = yaml.safe_load(RUNTIME.read_text())
+    assert runtime["metadata"]["name"] == job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert [e.message for e in k8s_validation.crd_validator(RUNTIME_CRD, "v1alpha1").iter_errors(runtime)] == []
+    for version in K8S_VERSIONS:
+        k8s_validation.openapi_validate(node_pod(job), version)
+    trainer = job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
+    assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "8"}
+    pod = node_pod(job)["template"]["spec"]
+    assert [t["key"] for t in pod["tolerations"]] == ["nvidia.com/gpu", "spot"]
+    assert pod["affinity"]["podAntiAffinity"] and pod["serviceAccountName"] == "fljob-trainer"
+    # The PodMonitor finds node rank 0 by the labels the Job and JobSet controllers add.
+    monitor = by_kind(docs)["PodMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"]["batch.kubernetes.io/job-completion-index"] == "0"
+    assert monitor["podMetricsEndpoints"][0]["targetPort"] == 9470
+
+
+def test_trainjob_refuses_what_only_the_runtime_can_set() -> None:
+    with pytest.raises(SpecError) as err:
+        kubernetes_render.check(spec_of("gpu-4node", ["kubernetes.api=trainjob"]))
+    fields = sorted(p.field for p in err.value.problems)
+    assert fields == ["kubernetes.backoff_limit", "kubernetes.image_pull_policy", "kubernetes.priority_class",
+                      "kubernetes.scheduler_name"]
+    assert all("ClusterTrainingRuntime" in p.message for p in err.value.problems)
+
+
+def test_trainjob_with_kueue_and_as_a_sweep(standin_kubectl) -> None:
+    spec = trainjob_spec("kubernetes.queue=llm", "sweep={grid: {optimizer.lr: [0.001, 0.002]}, parallel: 1}")
+    docs = [d for d in kubernetes_render.objects(spec)]
+    jobs = [d for d in docs if d["kind"] == "TrainJob"]
+    assert [j["metadata"]["name"] for j in jobs] == ["mup-7b-0", "mup-7b-1"]
+    assert all(j["spec"]["suspend"] and j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "llm" for j in jobs)
+    validator = k8s_validation.crd_validator(TRAINJOB_CRD, "v1alpha1")
+    assert [e.message for j in jobs for e in validator.iter_errors(j)] == []
+    handle = kubernetes.plan(spec).handle
+    assert str(handle) == "k8s://llm-training/trainjob/mup-7b"
+    stamp = "2026-12-03T06:00:00Z"
+    recorded = [
+        {**jobs[0], "status": {"conditions": [{"type": "Complete", "status": "True", "reason": "JobsCompleted",
+                                               "message": "jobset completed", "lastTransitionTime": stamp}]}},
+        {**jobs[1], "status": {"jobsStatus": [{"name": "node", "active": 4, "ready": 4, "succeeded": 0,
+                                               "failed": 0, "suspended": 0}]}},
+    ]
+    calls = standin_kubectl(recorded)
+    found = kubernetes.status(handle)
+    assert [(t.name, t.state.value) for t in found.trials] == [("mup-7b-0", "COMPLETED"), ("mup-7b-1", "RUNNING")]
+    assert calls.read_text().splitlines() == ["get trainjobs -n llm-training -l fljob.dev/sweep=mup-7b -o json"]
+    assert kubernetes.logs_argv(Handle("k8s", "llm-training/trainjob/mup-7b-1")) == [
+        "kubectl", "logs", "-n", "llm-training", "-l",
+        "jobset.sigs.k8s.io/jobset-name=mup-7b-1,batch.kubernetes.io/job-completion-index=0", "-c", "node",
+        "--tail=-1"]
+
+
+def test_trainjob_pod_rendezvous_on_the_trainer_variables_and_keeps_the_requeue_code(tmp_path: Path) -> None:
+    job = by_kind(docs_of(trainjob_spec()))["TrainJob"]
+    trainer = job["spec"]["trainer"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "fljob").write_text(FAKE_FLJOB)
+    (bin_dir / "fljob").chmod(0o755)
+    env = {**{e["name"]: e["value"] for e in trainer["env"] if "value" in e},
+           "PET_MASTER_ADDR": "mup-7b-node-0-0.mup-7b", "PET_MASTER_PORT": "29400", "PET_NNODES": "4",
+           "PET_NODE_RANK": "1", "PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_OUT": str(tmp_path),
+           "FAKE_RC": str(REQUEUE)}
+    proc = subprocess.run(trainer["command"], env=env, capture_output=True, text=True, timeout=10, check=False)
+    assert proc.returncode == REQUEUE  # the JobSet's failure policy restarts it
+    assert (tmp_path / "argv").read_text().splitlines()[3:6] == [
+        "--node-rank=1", "--master-addr=mup-7b-node-0-0.mup-7b", "--master-port=29400"]

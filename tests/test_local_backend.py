@@ -125,6 +125,7 @@ def test_very_long_and_odd_handles_are_one_line_errors(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- Ctrl-C and sweeps
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_exits_75_without_tracebacks(tmp_path: Path) -> None:
     """SIGINT to the whole foreground process group, as a terminal sends it."""
     spec = tmp_path / "spec.yaml"
@@ -165,6 +166,7 @@ sweep:
 """
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_every_trial_two_at_a_time_and_resubmitting_skips_them(tmp_path: Path) -> None:
     spec = tmp_path / "sweep.yaml"
     spec.write_text(SWEEP.format(run_dir=tmp_path / "sweep"))

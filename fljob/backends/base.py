@@ -79,8 +79,9 @@ class Handle:
             )
         if scheme == "slurm" and not rest.replace("_", "").isdigit():
             raise UsageError(f"{elide(text)!r}: a SLURM handle is slurm://<numeric job id>")
-        if scheme == "k8s" and rest.count("/") != 1:
-            raise UsageError(f"{elide(text)!r}: a Kubernetes handle is k8s://<namespace>/<name>")
+        if scheme == "k8s" and not (rest.count("/") == 1 or rest.count("/") == 2 and rest.split("/")[1] == "trainjob"):
+            raise UsageError(f"{elide(text)!r}: a Kubernetes handle is k8s://<namespace>/<name> (a PyTorchJob) or "
+                             "k8s://<namespace>/trainjob/<name> (a TrainJob)")
         return cls(scheme, rest)
 
 

@@ -22,6 +22,7 @@ from fljob.spec.k8s_fields import DNS1123_SUBDOMAIN, LABEL_KEY, LABEL_VALUE, PRO
 from fljob.spec.models import DNS1035, ENV_NAME, K8S_QUANTITY
 
 CONTAINER_NAME = "pytorch"  # the webhook requires a container of this name in every replica
+TRAINJOB_NODE = "node"  # a TrainJob's torch runtime: the replicated job and container that train
 REPLICA_TYPES = ("Master", "Worker")
 # IANA service name: what a named container port may be called.
 PORT_NAME = r"^(?=.{1,15}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
@@ -74,8 +75,7 @@ DEFS: dict[str, Any] = {
         "env": _array(_ref("envVar")),
         "ports": _array(_obj({"name": {"type": "string", "pattern": PORT_NAME}, "containerPort": _PORT,
                               "protocol": {"const": "TCP"}}, ("name", "containerPort", "protocol")), minItems=1),
-        "resources": _obj({"requests": {"type": "object", "additionalProperties": _ref("quantity")},
-                           "limits": {"type": "object", "additionalProperties": _ref("quantity")}}),
+        "resources": _ref("resources"),
         "volumeMounts": _array(_obj({"name": _ref("dns1035"), "mountPath": {"type": "string", "pattern": "^/"},
                                      "readOnly": _BOOL}, ("name", "mountPath"))),
     }, ("name", "image", "command", "env", "ports", "volumeMounts")),
@@ -103,6 +103,23 @@ DEFS: dict[str, Any] = {
         "affinity": _ref("affinity"),
         "priorityClassName": _ref("dns1123subdomain"),
         "schedulerName": _ref("dns1123subdomain"),
+        "imagePullSecrets": _array(_obj({"name": _ref("dns1123subdomain")}, ("name",))),
+    }, ("containers", "volumes", "terminationGracePeriodSeconds")),
+    "resources": _obj({"requests": {"type": "object", "additionalProperties": _ref("quantity")},
+                       "limits": {"type": "object", "additionalProperties": _ref("quantity")}}),
+    # A TrainJob's runtime patch of the `node` pods: the fields Trainer v2.3 lets a manager set.
+    "nodePatch": _obj({
+        "containers": _array(_obj({"name": {"const": TRAINJOB_NODE},
+                                   "volumeMounts": _array(_obj({"name": _ref("dns1035"),
+                                                               "mountPath": {"type": "string", "pattern": "^/"},
+                                                               "readOnly": _BOOL}, ("name", "mountPath")))},
+                                  ("name", "volumeMounts")), minItems=1, maxItems=1),
+        "volumes": _array(_ref("volume"), minItems=1),
+        "terminationGracePeriodSeconds": _NONNEG,
+        "serviceAccountName": _ref("dns1123subdomain"),
+        "nodeSelector": _ref("labels"),
+        "tolerations": _array(_ref("toleration")),
+        "affinity": _ref("affinity"),
         "imagePullSecrets": _array(_obj({"name": _ref("dns1123subdomain")}, ("name",))),
     }, ("containers", "volumes", "terminationGracePeriodSeconds")),
     "replicaSpec": _obj({
@@ -144,16 +161,45 @@ KINDS: dict[tuple[str, str], dict[str, Any]] = {
                             minItems=1),
         }, ("type", "selector", "ports")),
     }, ("spec",)),
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): _obj({
+        "spec": _obj({
+            "runtimeRef": _obj({"apiGroup": {"const": "trainer.kubeflow.org"},
+                                "kind": {"const": "ClusterTrainingRuntime"},
+                                "name": _ref("dns1123subdomain")}, ("apiGroup", "kind", "name")),
+            "suspend": _BOOL,
+            "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+            "trainer": _obj({
+                "image": {"type": "string", "minLength": 1},
+                "command": _array(_STR, minItems=1),
+                "env": _array(_ref("envVar")),
+                "numNodes": {"type": "integer", "minimum": 1},
+                "numProcPerNode": {"type": "integer", "minimum": 1},
+                "resourcesPerNode": _ref("resources"),
+            }, ("image", "command", "env", "numNodes", "numProcPerNode")),
+            "runtimePatches": _array(_obj({
+                "manager": {"type": "string", "minLength": 1},
+                "trainingRuntimeSpec": _obj({"template": _obj({"spec": _obj({"replicatedJobs": _array(_obj({
+                    "name": {"const": TRAINJOB_NODE},
+                    "template": _obj({"spec": _obj({"template": _obj({
+                        "metadata": _obj({"labels": _ref("labels"), "annotations": _ref("annotations")}, ("labels",)),
+                        "spec": _ref("nodePatch"),
+                    }, ("metadata", "spec"))}, ("template",))}, ("spec",)),
+                }, ("name", "template")), minItems=1, maxItems=1)}, ("replicatedJobs",))}, ("spec",))},
+                    ("template",)),
+            }, ("manager", "trainingRuntimeSpec")), minItems=1, maxItems=1),
+        }, ("runtimeRef", "trainer", "runtimePatches")),
+    }, ("spec",)),
     ("monitoring.coreos.com/v1", "PodMonitor"): _obj({
         "spec": _obj({
             "jobLabel": _STR,
             "selector": _obj({"matchLabels": _ref("labels")}, ("matchLabels",)),
             "podMetricsEndpoints": _array(_obj({
                 "port": {"type": "string", "pattern": PORT_NAME},
+                "targetPort": _PORT,
                 "path": {"type": "string", "pattern": "^/"},
                 "interval": {"type": "string", "pattern": PROM_DURATION.pattern},
                 "honorLabels": _BOOL,
-            }, ("port", "path", "interval")), minItems=1),
+            }, ("path", "interval"), minProperties=4, maxProperties=4), minItems=1),  # port or targetPort
         }, ("selector", "podMetricsEndpoints")),
     }, ("spec",)),
 }
@@ -252,11 +298,14 @@ def schema_errors(obj: dict[str, Any]) -> list[str]:
 
 
 def webhook_errors(job: dict[str, Any]) -> list[str]:
-    """The training operator's admission rules for a PyTorchJob that its CRD schema lacks."""
+    """The training operator's admission rules that its CRD schema lacks (PyTorchJob), and the
+    name rule of both kinds (Services and JobSets are named after the job)."""
     errors = []
     name = job["metadata"]["name"]
     if len(name) > 63 or not DNS1035.match(name):
         errors.append(f"metadata.name {name!r} must be a DNS-1035 label of at most 63 characters")
+    if job["kind"] != "PyTorchJob":
+        return errors
     specs = job["spec"]["pytorchReplicaSpecs"]
     for rtype, rspec in specs.items():
         if rtype not in REPLICA_TYPES:
@@ -275,42 +324,64 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+JOB_KINDS = ("PyTorchJob", "TrainJob")
+# Labels the controllers add to a TrainJob's pods (not in the rendered template): the rank-0 pod's.
+TRAINJOB_RANK0_LABELS = {"batch.kubernetes.io/job-completion-index": "0"}
+
+
+def _pods(job: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """role -> (pod labels as they will be, pod spec) of a job; the pod running rank 0 first."""
+    if job["kind"] == "PyTorchJob":
+        return {rtype.lower(): (r["template"]["metadata"]["labels"], r["template"]["spec"])
+                for rtype, r in job["spec"]["pytorchReplicaSpecs"].items()}
+    (patch,) = job["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]
+    return {"master": ({**pod["metadata"]["labels"], **TRAINJOB_RANK0_LABELS}, pod["spec"])}
+
+
 def reference_errors(objects: list[dict[str, Any]]) -> list[str]:
-    """Cross references: volumes name the ConfigMap, selectors pick the master pod, ports exist."""
-    by_kind = {o["kind"]: o for o in objects}
-    job = by_kind["PyTorchJob"]
+    """Cross references of each job: its pods mount a rendered ConfigMap and declared volumes,
+    its env names are unique; a Service or PodMonitor selects the rank-0 pod of every job it
+    belongs to, and only that pod, on a declared port."""
+    configmaps = {o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"}
     errors = []
-    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
-    configmaps = [v["configMap"]["name"] for v in master["spec"]["volumes"] if "configMap" in v]
-    if configmaps != [by_kind["ConfigMap"]["metadata"]["name"]]:
-        errors.append(f"the pods mount ConfigMaps {configmaps}, not the rendered one")
-    for rtype, rspec in job["spec"]["pytorchReplicaSpecs"].items():
-        spec = rspec["template"]["spec"]
-        volumes = {v["name"] for v in spec["volumes"]}
-        for c in spec["containers"]:
-            missing = {m["name"] for m in c["volumeMounts"]} - volumes
-            if missing:
-                errors.append(f"{rtype}: mounts undeclared volumes {sorted(missing)}")
-            names = [e["name"] for e in c["env"]]
+    masters = []
+    for job in (o for o in objects if o["kind"] in JOB_KINDS):
+        name = job["metadata"]["name"]
+        pods = _pods(job)
+        for role, (labels, spec) in pods.items():
+            volumes = {v["name"] for v in spec["volumes"]}
+            mounted = [v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v]
+            if len(mounted) != 1 or mounted[0] not in configmaps:
+                errors.append(f"{name} {role}: mounts ConfigMaps {mounted}, not one rendered with it")
+            for c in spec["containers"]:
+                missing = {m["name"] for m in c["volumeMounts"]} - volumes
+                if missing:
+                    errors.append(f"{name} {role}: mounts undeclared volumes {sorted(missing)}")
+        envs = [job["spec"]["trainer"]["env"]] if job["kind"] == "TrainJob" else \
+            [c["env"] for _, spec in pods.values() for c in spec["containers"]]
+        for env in envs:
+            names = [e["name"] for e in env]
             if len(names) != len(set(names)):
-                errors.append(f"{rtype}: duplicate environment variables in {names}")
-    ports = {p["name"] for p in master["spec"]["containers"][0]["ports"]}
-    labels = master["metadata"]["labels"]
-    if "Service" in by_kind:
-        svc = by_kind["Service"]["spec"]
-        if not _selects(svc["selector"], labels):
-            errors.append("the metrics Service does not select the master pod")
-        if "Worker" in job["spec"]["pytorchReplicaSpecs"] and _selects(
-                svc["selector"], job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"]):
-            errors.append("the metrics Service also selects the worker pods")
-        errors += [f"the Service targets port {p['targetPort']!r}, which the master does not declare"
-                   for p in svc["ports"] if p["targetPort"] not in ports]
-    if "PodMonitor" in by_kind:
-        pm = by_kind["PodMonitor"]["spec"]
-        if not _selects(pm["selector"]["matchLabels"], labels):
-            errors.append("the PodMonitor does not select the master pod")
-        errors += [f"the PodMonitor scrapes port {e['port']!r}, which the master does not declare"
-                   for e in pm["podMetricsEndpoints"] if e["port"] not in ports]
+                errors.append(f"{name}: duplicate environment variables in {names}")
+        master_labels, master_spec = pods["master"]
+        ports = {p["name"] for c in master_spec["containers"] for p in c.get("ports", ())}
+        others = [labels for role, (labels, _) in pods.items() if role != "master"]
+        masters.append((name, master_labels, ports, others))
+    for kind, selector_of in (("Service", lambda o: o["spec"]["selector"]),
+                              ("PodMonitor", lambda o: o["spec"]["selector"]["matchLabels"])):
+        for obj in (o for o in objects if o["kind"] == kind):
+            selector = selector_of(obj)
+            selected = [m for m in masters if _selects(selector, m[1])]
+            if len(selected) != len(masters):
+                errors.append(f"the {kind} {obj['metadata']['name']} does not select every job's rank-0 pod")
+            if any(_selects(selector, labels) for m in masters for labels in m[3]):
+                errors.append(f"the {kind} {obj['metadata']['name']} also selects worker pods")
+            wanted = [p["targetPort"] for p in obj["spec"]["ports"]] if kind == "Service" else \
+                [e["port"] for e in obj["spec"]["podMetricsEndpoints"] if "port" in e]
+            errors += [f"the {kind} uses port {port!r}, which {m[0]}'s rank-0 pod does not declare"
+                       for port in wanted for m in selected if port not in m[2]]
     return errors
 
 
@@ -322,7 +393,7 @@ def validate(objects: list[dict[str, Any]]) -> None:
     """Raise RenderBug listing every schema, webhook and cross-reference error."""
     errors = [f"{o.get('kind')} {o.get('metadata', {}).get('name')}: {e}" for o in objects for e in schema_errors(o)]
     if not errors:
-        errors += [f"PyTorchJob: {e}" for o in objects if o["kind"] == "PyTorchJob" for e in webhook_errors(o)]
+        errors += [f"{o['kind']}: {e}" for o in objects if o["kind"] in JOB_KINDS for e in webhook_errors(o)]
         errors += reference_errors(objects)
     if errors:
         raise RenderBug("fljob rendered invalid Kubernetes objects (a bug in fljob; please report it):\n  "

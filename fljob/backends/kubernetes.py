@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,15 @@ from fljob.backends.base import (
     Task,
     shell_join,
 )
-from fljob.backends.kubernetes_render import SWEEP_LABEL, TRIAL_LABEL, check, render
+from fljob.backends.kubernetes_render import (
+    COMPLETION_INDEX_LABEL,
+    JOBSET_NAME_LABEL,
+    SWEEP_LABEL,
+    TRAINJOB_NODE,
+    TRIAL_LABEL,
+    check,
+    render,
+)
 from fljob.errors import UsageError
 from fljob.spec import JobSpec
 
@@ -49,9 +58,25 @@ class KubectlError(UsageError):
         self.returncode = returncode
 
 
-def _namespace_name(handle: Handle) -> tuple[str, str]:
-    namespace, _, name = handle.ident.partition("/")
-    return namespace, name
+@dataclass(frozen=True)
+class Target:
+    """What a k8s:// handle names: k8s://<namespace>/<name> is a PyTorchJob (or a sweep of
+    them), k8s://<namespace>/trainjob/<name> a TrainJob (or a sweep of them)."""
+
+    namespace: str
+    name: str
+    resource: str  # kubectl's resource name: pytorchjob or trainjob
+
+    @classmethod
+    def of(cls, handle: Handle) -> Target:
+        parts = handle.ident.split("/")
+        return cls(parts[0], parts[-1], "trainjob" if len(parts) == 3 else "pytorchjob")
+
+
+def handle_for(spec: JobSpec) -> Handle:
+    k = spec.kubernetes
+    middle = "trainjob/" if k.api == "trainjob" else ""
+    return Handle(NAME, f"{k.namespace}/{middle}{spec.name}")
 
 
 def apply_argv(manifest: Path) -> list[str]:
@@ -59,28 +84,33 @@ def apply_argv(manifest: Path) -> list[str]:
 
 
 def status_argv(handle: Handle) -> list[str]:
-    namespace, name = _namespace_name(handle)
-    return [KUBECTL, "get", "pytorchjob", "-n", namespace, name, "-o", "json"]
+    t = Target.of(handle)
+    return [KUBECTL, "get", t.resource, "-n", t.namespace, t.name, "-o", "json"]
 
 
 def sweep_status_argv(handle: Handle) -> list[str]:
     """The trials of a sweep named like the handle (none when it names a single job)."""
-    namespace, name = _namespace_name(handle)
-    return [KUBECTL, "get", "pytorchjobs", "-n", namespace, "-l", f"{SWEEP_LABEL}={name}", "-o", "json"]
+    t = Target.of(handle)
+    return [KUBECTL, "get", f"{t.resource}s", "-n", t.namespace, "-l", f"{SWEEP_LABEL}={t.name}", "-o", "json"]
 
 
 def logs_argv(handle: Handle, follow: bool = False) -> list[str]:
-    """The master pod's trainer output: global rank 0 runs there (static rendezvous)."""
-    namespace, name = _namespace_name(handle)
-    argv = [KUBECTL, "logs", "-n", namespace, f"{name}-master-0", "-c", k8s_schema.CONTAINER_NAME]
+    """The trainer output of global rank 0's pod: a PyTorchJob's master pod (static rendezvous on
+    it), a TrainJob's node pod of completion index 0."""
+    t = Target.of(handle)
+    if t.resource == "trainjob":
+        selector = f"{JOBSET_NAME_LABEL}={t.name},{COMPLETION_INDEX_LABEL}=0"
+        argv = [KUBECTL, "logs", "-n", t.namespace, "-l", selector, "-c", TRAINJOB_NODE, "--tail=-1"]
+    else:
+        argv = [KUBECTL, "logs", "-n", t.namespace, f"{t.name}-master-0", "-c", k8s_schema.CONTAINER_NAME]
     return [*argv, "-f"] if follow else argv
 
 
 def cancel_argv(handle: Handle, sweep: bool = False) -> list[str]:
-    namespace, name = _namespace_name(handle)
+    t = Target.of(handle)
     if sweep:
-        return [KUBECTL, "delete", "pytorchjobs", "-n", namespace, "-l", f"{SWEEP_LABEL}={name}"]
-    return [KUBECTL, "delete", "pytorchjob", "-n", namespace, name]
+        return [KUBECTL, "delete", f"{t.resource}s", "-n", t.namespace, "-l", f"{SWEEP_LABEL}={t.name}"]
+    return [KUBECTL, "delete", t.resource, "-n", t.namespace, t.name]
 
 
 def _not_installed() -> UsageError:
@@ -105,7 +135,7 @@ def plan(spec: JobSpec, task: Task = "train") -> Submission:
     folder = Path(spec.resolved_run_dir).absolute()
     files = tuple(render(spec, task))
     return Submission(NAME, folder, files, shell_join(apply_argv(folder / kubernetes_render.MANIFEST_FILE)),
-                      spec, task, Handle(NAME, f"{spec.kubernetes.namespace}/{spec.name}"))
+                      spec, task, handle_for(spec))
 
 
 def submit(plan: Submission) -> Handle:
@@ -116,24 +146,29 @@ def submit(plan: Submission) -> Handle:
     return plan.handle
 
 
-# The operator's condition types (kubeflow.org/v1 JobConditionType), latest true one wins.
+# The controllers' condition types, the latest true one wins: the training operator's
+# (kubeflow.org/v1 JobConditionType) and Trainer v2's TrainJob conditions.
 CONDITION_STATES = {
     "Created": JobState.PENDING, "Suspended": JobState.PENDING, "Running": JobState.RUNNING,
-    "Restarting": JobState.REQUEUED, "Succeeded": JobState.COMPLETED, "Failed": JobState.FAILED,
+    "Restarting": JobState.REQUEUED, "Succeeded": JobState.COMPLETED, "Complete": JobState.COMPLETED,
+    "Failed": JobState.FAILED,
 }
 
 
 def job_status(handle: str, job: dict[str, Any], name: str | None = None) -> JobStatus:
-    """A PyTorchJob object (as `kubectl get -o json` returns it) as fljob's status record: the
-    state of its latest condition that holds (what `kubectl get` shows), with its reason."""
-    conditions = [c for c in (job.get("status") or {}).get("conditions") or [] if isinstance(c, dict)]
+    """A PyTorchJob or TrainJob object (as `kubectl get -o json` returns it) as fljob's status
+    record: the state of its latest condition that holds (what `kubectl get` shows), with its
+    reason. A TrainJob has no Running condition: its active jobs (status.jobsStatus) say it."""
+    status = job.get("status") or {}
+    conditions = [c for c in status.get("conditions") or [] if isinstance(c, dict)]
     current = [c for c in conditions if c.get("status") == "True"]
-    namespace = (job.get("metadata") or {}).get("namespace", "")
-    job_name = (job.get("metadata") or {}).get("name", "")
-    logs = shell_join([KUBECTL, "logs", "-n", namespace, f"{job_name}-master-0", "-c", k8s_schema.CONTAINER_NAME])
-    if not current:
-        return JobStatus(handle, JobState.PENDING, native="no status yet: the training operator has not "
-                         "picked the job up", logs=logs, name=name)
+    logs = shell_join(logs_argv(Handle(NAME, _ident(job))))
+    active = sum(int(j.get("active") or 0) for j in status.get("jobsStatus") or [] if isinstance(j, dict))
+    if not current or current[-1].get("type") == "Created" and active:
+        if active:
+            return JobStatus(handle, JobState.RUNNING, native=f"{active} active jobs", logs=logs, name=name)
+        return JobStatus(handle, JobState.PENDING, native="no status yet: the controller has not picked the job up",
+                         logs=logs, name=name)
     last = current[-1]
     kind = str(last.get("type", ""))
     detail = ": ".join(str(part) for part in (last.get("reason"), last.get("message")) if part)
@@ -141,14 +176,18 @@ def job_status(handle: str, job: dict[str, Any], name: str | None = None) -> Job
                      details=(("reason", detail),) if detail else (), logs=logs, name=name)
 
 
+def _ident(job: dict[str, Any]) -> str:
+    meta = job.get("metadata") or {}
+    middle = "trainjob/" if job.get("kind") == "TrainJob" else ""
+    return f"{meta.get('namespace', '')}/{middle}{meta.get('name', '')}"
+
+
 def status(handle: Handle) -> JobStatus | SweepStatus:
     trials = json.loads(_run(sweep_status_argv(handle))).get("items") or []
     if trials:
         trials.sort(key=lambda job: int(job["metadata"]["labels"].get(TRIAL_LABEL, "0")))
-        namespace, name = _namespace_name(handle)
-        return SweepStatus(str(handle), name, tuple(
-            job_status(f"k8s://{namespace}/{job['metadata']['name']}", job, name=job["metadata"]["name"])
-            for job in trials))
+        return SweepStatus(str(handle), Target.of(handle).name, tuple(
+            job_status(f"k8s://{_ident(job)}", job, name=job["metadata"]["name"]) for job in trials))
     return job_status(str(handle), json.loads(_run(status_argv(handle))))
 
 

@@ -21,6 +21,7 @@ Secret values never appear: credentials are `secretKeyRef`s naming a Secret and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -89,7 +90,7 @@ def job_problems(spec: JobSpec) -> list[Problem]:
 
 
 def check(spec: JobSpec) -> None:
-    check_job_or_sweep(spec, job_problems)
+    check_job_or_sweep(spec, lambda job: [*job_problems(job), *trainjob_problems(job)])
     sweep = spec.sweep
     if sweep is not None and sweep.parallel < sweep.size and not spec.kubernetes.queue:
         raise SpecError(spec.origin(), [problem_at(
@@ -128,16 +129,39 @@ def _metadata(spec: JobSpec, name: str, labels: dict[str, str], annotations: boo
     return out
 
 
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where each API's controller puts the rendezvous, and what a retry needs."""
+
+    controller: str
+    master_addr: str
+    master_port: str
+    requeue_exit: int  # what the pod exits with when the trainer asks to be requeued
+    retry: str  # who retries it
+
+
+RENDEZVOUS: dict[str, Rendezvous] = {
+    # training-operator v1: MASTER_ADDR/PORT are the master pod's Service; with restartPolicy
+    # ExitCode only 138 (and signals) restart a pod, 75 would fail the job.
+    "pytorchjob": Rendezvous("the Kubeflow training operator (PyTorchJob v1)", "MASTER_ADDR", "MASTER_PORT",
+                             RETRYABLE_EXIT, "retryable under restartPolicy ExitCode"),
+    # Trainer v2's torch plugin sets PET_*; the JobSet's failure policy restarts on any failure.
+    "trainjob": Rendezvous("Kubeflow Trainer v2 (TrainJob, torch runtime)", "PET_MASTER_ADDR", "PET_MASTER_PORT",
+                           REQUEUE, "the runtime's JobSet failure policy restarts it"),
+}
+
+
 def container_script(spec: JobSpec, task: Task) -> str:
-    """The pod's /bin/sh program: static rendezvous on the operator's variables, SIGTERM
+    """The pod's /bin/sh program: static rendezvous on the controller's variables, SIGTERM
     forwarded, the requeue code made retryable. No `$(`: Kubernetes would expand it."""
+    r = RENDEZVOUS[spec.kubernetes.api]
     launch = " ".join([
         "fljob launch",
         "--rdzv-backend=static",
         '--nnodes="$PET_NNODES"',
         '--node-rank="$PET_NODE_RANK"',
-        '--master-addr="$MASTER_ADDR"',
-        '--master-port="$MASTER_PORT"',
+        f'--master-addr="${r.master_addr}"',
+        f'--master-port="${r.master_port}"',
         f"--nproc-per-node={spec.resources.nproc_per_node}",
         "--",
         *TASK_ARGV[task],
@@ -145,15 +169,15 @@ def container_script(spec: JobSpec, task: Task) -> str:
     ])
     return f"""\
 set -u
-if [ -z "${{MASTER_ADDR:-}}" ] || [ -z "${{MASTER_PORT:-}}" ] || [ -z "${{PET_NNODES:-}}" ] || [ -z "${{PET_NODE_RANK:-}}" ]; then
-  echo "fljob: MASTER_ADDR, MASTER_PORT, PET_NNODES and PET_NODE_RANK must be set by the Kubeflow training operator (PyTorchJob v1)" >&2
+if [ -z "${{{r.master_addr}:-}}" ] || [ -z "${{{r.master_port}:-}}" ] || [ -z "${{PET_NNODES:-}}" ] || [ -z "${{PET_NODE_RANK:-}}" ]; then
+  echo "fljob: {r.master_addr}, {r.master_port}, PET_NNODES and PET_NODE_RANK must be set by {r.controller}" >&2
   exit 2
 fi
-echo "fljob: node $PET_NODE_RANK of $PET_NNODES, rendezvous $MASTER_ADDR:$MASTER_PORT"
+echo "fljob: node $PET_NODE_RANK of $PET_NNODES, rendezvous ${r.master_addr}:${r.master_port}"
 {forward_and_wait("TERM", launch, "the launcher (the trainer checkpoints and stops)")}
 if [ "$rc" -eq {REQUEUE} ]; then
-  echo "fljob: the trainer checkpointed and asks to be restarted; exiting {RETRYABLE_EXIT} (retryable under restartPolicy ExitCode)" >&2
-  exit {RETRYABLE_EXIT}
+  echo "fljob: the trainer checkpointed and asks to be restarted; exiting {r.requeue_exit} ({r.retry})" >&2
+  exit {r.requeue_exit}
 fi
 echo "fljob: launcher finished with exit code $rc"
 exit "$rc"
@@ -190,6 +214,37 @@ def _resources(spec: JobSpec) -> dict[str, Any]:
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
+def _volume_mounts() -> list[dict[str, Any]]:
+    return [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
+
+
+def _volumes(spec: JobSpec) -> list[dict[str, Any]]:
+    return [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.kubernetes.shm_size}},
+            {"name": "spec", "configMap": {"name": f"{spec.name}-spec", "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}}]
+
+
+def _scheduling(spec: JobSpec) -> dict[str, Any]:
+    """The pod fields a job spec may set for placement and identity, those that are set."""
+    k = spec.kubernetes
+    fields: dict[str, Any] = {
+        "serviceAccountName": k.service_account,
+        "nodeSelector": dict(sorted(k.node_selector.items())) or None,
+        "tolerations": [_toleration(t) for t in k.tolerations] or None,
+        "affinity": (k.affinity.to_pod_spec() or None) if k.affinity else None,  # {} says nothing
+        "priorityClassName": k.priority_class,
+        "schedulerName": k.scheduler_name,
+        "imagePullSecrets": [{"name": n} for n in k.image_pull_secrets] or None,
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _pod_metadata(spec: JobSpec, labels: dict[str, str]) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"labels": _labels(spec, labels)}
+    if spec.kubernetes.annotations:
+        metadata["annotations"] = dict(sorted(spec.kubernetes.annotations.items()))
+    return metadata
+
+
 def _pod_template(spec: JobSpec, task: Task, role: str) -> dict[str, Any]:
     k = spec.kubernetes
     ports = [{"name": RDZV_PORT_NAME, "containerPort": RDZV_PORT, "protocol": "TCP"}]
@@ -206,30 +261,15 @@ def _pod_template(spec: JobSpec, task: Task, role: str) -> dict[str, Any]:
     resources = _resources(spec)
     if resources:
         container["resources"] = resources
-    container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"},
-                                 {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
+    container["volumeMounts"] = _volume_mounts()
     pod: dict[str, Any] = {
         "containers": [container],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
-                    {"name": "spec", "configMap": {"name": f"{spec.name}-spec",
-                                                   "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}}],
+        "volumes": _volumes(spec),
         "terminationGracePeriodSeconds": k.termination_grace_seconds,
         "automountServiceAccountToken": False,  # the trainer never calls the Kubernetes API
+        **_scheduling(spec),
     }
-    optional: dict[str, Any] = {
-        "serviceAccountName": k.service_account,
-        "nodeSelector": dict(sorted(k.node_selector.items())) or None,
-        "tolerations": [_toleration(t) for t in k.tolerations] or None,
-        "affinity": (k.affinity.to_pod_spec() or None) if k.affinity else None,  # {} says nothing
-        "priorityClassName": k.priority_class,
-        "schedulerName": k.scheduler_name,
-        "imagePullSecrets": [{"name": n} for n in k.image_pull_secrets] or None,
-    }
-    pod.update({key: value for key, value in optional.items() if value is not None})
-    metadata: dict[str, Any] = {"labels": _labels(spec, {ROLE_LABEL: role, TASK_LABEL: task})}
-    if k.annotations:
-        metadata["annotations"] = dict(sorted(k.annotations.items()))
-    return {"metadata": metadata, "spec": pod}
+    return {"metadata": _pod_metadata(spec, {ROLE_LABEL: role, TASK_LABEL: task}), "spec": pod}
 
 
 def _toleration(t: Toleration) -> dict[str, Any]:
@@ -272,12 +312,83 @@ def pytorchjob(spec: JobSpec, task: Task) -> dict[str, Any]:
     }
 
 
+# Trainer v2: the torch runtime's replicated job and container that run the trainer.
+TRAINJOB_NODE = "node"
+TRAINJOB_PATCH_MANAGER = "fljob.dev/render"
+# Labels the Job and JobSet controllers put on a TrainJob's pods: node rank 0 has index 0.
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+# The PyTorchJob-only fields a TrainJob cannot set per job (Trainer v2.3 runtime patches have no
+# such field): set them in the ClusterTrainingRuntime instead.
+RUNTIME_OWNED = {"priority_class": "priorityClassName", "scheduler_name": "schedulerName",
+                 "image_pull_policy": "imagePullPolicy", "restart_policy": "the JobSet failurePolicy",
+                 "backoff_limit": "failurePolicy.maxRestarts", "ttl_seconds_after_finished": "ttlSecondsAfterFinished",
+                 "clean_pod_policy": "the JobSet's own clean-up"}
+
+
+def trainjob_problems(spec: JobSpec) -> list[Problem]:
+    """Fields a TrainJob cannot carry, set away from their defaults."""
+    k = spec.kubernetes
+    if k.api != "trainjob":
+        return []
+    defaults = type(k).model_fields
+    return [problem_at(spec, f"kubernetes.{field}", f"a TrainJob cannot set it per job (the runtime owns "
+                       f"{owner}): set it in the ClusterTrainingRuntime {k.runtime!r} (k8s/trainjob-runtime.yaml), "
+                       "or use kubernetes.api: pytorchjob.")
+            for field, owner in RUNTIME_OWNED.items() if getattr(k, field) != defaults[field].default]
+
+
+def trainjob(spec: JobSpec, task: Task) -> dict[str, Any]:
+    """A Kubeflow Trainer v2 TrainJob on ``kubernetes.runtime``: the trainer (image, command,
+    env, nodes, processes, resources) in ``trainer``, the pod's placement, volumes and labels
+    as a runtime patch of the runtime's ``node`` job."""
+    k = spec.kubernetes
+    trainer: dict[str, Any] = {
+        "image": spec.image,
+        "command": ["/bin/sh", "-c", container_script(spec, task)],
+        "env": _env(spec),
+        "numNodes": spec.resources.nodes,
+        "numProcPerNode": spec.resources.nproc_per_node,
+    }
+    resources = _resources(spec)
+    if resources:
+        trainer["resourcesPerNode"] = resources
+    pod = {
+        "metadata": _pod_metadata(spec, {TASK_LABEL: task}),
+        "spec": {"containers": [{"name": TRAINJOB_NODE, "volumeMounts": _volume_mounts()}],
+                 "volumes": _volumes(spec), "terminationGracePeriodSeconds": k.termination_grace_seconds,
+                 **{key: v for key, v in _scheduling(spec).items() if key not in ("priorityClassName", "schedulerName")}},
+    }
+    patch = {"manager": TRAINJOB_PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
+        {"name": TRAINJOB_NODE, "template": {"spec": {"template": pod}}}]}}}}
+    body: dict[str, Any] = {
+        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": k.runtime},
+        "trainer": trainer,
+        "runtimePatches": [patch],
+    }
+    if k.active_deadline_seconds is not None:
+        body["activeDeadlineSeconds"] = k.active_deadline_seconds
+    labels = {TASK_LABEL: task}
+    if k.queue:  # Kueue admits it from the queue (unsuspends it)
+        labels[KUEUE_QUEUE_LABEL] = k.queue
+        body["suspend"] = True
+    return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+            "metadata": _metadata(spec, spec.name, _labels(spec, labels), annotations=True), "spec": body}
+
+
 def master_selector(spec: JobSpec) -> dict[str, str]:
+    """The labels of the pod that runs global rank 0 (and serves /metrics)."""
+    if spec.kubernetes.api == "trainjob":
+        return {**selector_labels(spec), COMPLETION_INDEX_LABEL: "0"}
     return {**selector_labels(spec), ROLE_LABEL: "master"}
 
 
 def _pod_monitor(spec: JobSpec, selector: dict[str, str]) -> dict[str, Any]:
     pm = spec.kubernetes.pod_monitor
+    # A TrainJob's container comes from the runtime, which declares no port by this name: the
+    # endpoint names the number instead (prometheus-operator's targetPort).
+    port: dict[str, Any] = {"targetPort": spec.metrics.port} if spec.kubernetes.api == "trainjob" \
+        else {"port": METRICS_PORT_NAME}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
@@ -287,8 +398,7 @@ def _pod_monitor(spec: JobSpec, selector: dict[str, str]) -> dict[str, Any]:
             # labels win over the target's (honorLabels).
             "jobLabel": JOB_LABEL,
             "selector": {"matchLabels": selector},
-            "podMetricsEndpoints": [{"port": METRICS_PORT_NAME, "path": "/metrics",
-                                     "interval": pm.interval, "honorLabels": True}],
+            "podMetricsEndpoints": [{**port, "path": "/metrics", "interval": pm.interval, "honorLabels": True}],
         },
     }
 
@@ -307,16 +417,17 @@ def objects(spec: JobSpec, task: Task = "train") -> list[dict[str, Any]]:
     Kueue queue (kubernetes.queue) admits as many as its quota allows (k8s/README.md).
     """
     metrics = spec.metrics.enabled and spec.kubernetes.pod_monitor.enabled
+    job = trainjob if spec.kubernetes.api == "trainjob" else pytorchjob
     if spec.sweep is not None:
         out: list[dict[str, Any]] = []
         for trial in expand(spec):
-            out += [_spec_config_map(trial.spec), pytorchjob(trial.spec, task)]
+            out += [_spec_config_map(trial.spec), job(trial.spec, task)]
         if metrics:
-            selector = {NAME_LABEL: "fljob", SWEEP_LABEL: spec.name, ROLE_LABEL: "master"}
-            out.append(_pod_monitor(spec, selector))
+            rank0 = {k: v for k, v in master_selector(spec).items() if k not in (INSTANCE_LABEL, JOB_LABEL)}
+            out.append(_pod_monitor(spec, {**rank0, SWEEP_LABEL: spec.name}))
         return out
-    out = [_spec_config_map(spec), pytorchjob(spec, task)]
-    if spec.metrics.enabled:
+    out = [_spec_config_map(spec), job(spec, task)]
+    if spec.metrics.enabled and spec.kubernetes.api == "pytorchjob":
         port = {"name": METRICS_PORT_NAME, "port": spec.metrics.port, "targetPort": METRICS_PORT_NAME,
                 "protocol": "TCP"}
         out.append({"apiVersion": "v1", "kind": "Service", "metadata": _metadata(spec, f"{spec.name}-metrics", _labels(spec)),

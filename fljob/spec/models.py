@@ -249,7 +249,15 @@ class PodMonitorSpec(Strict):
         return check_labels(v, "podmonitor label")
 
 
+KubernetesApi = Literal["pytorchjob", "trainjob"]
+
+
 class Kubernetes(Strict):
+    api: KubernetesApi = Field(
+        "pytorchjob", description="pytorchjob: a Kubeflow training-operator v1 PyTorchJob; trainjob: a Kubeflow "
+                                  "Trainer v2 TrainJob on a ClusterTrainingRuntime (kubernetes.runtime).")
+    runtime: str = Field("torch-distributed",
+                         description="trainjob: the ClusterTrainingRuntime to run on (k8s/trainjob-runtime.yaml).")
     namespace: str = "default"
     service_account: str | None = Field(None, description="Service account of the pods (a DNS-1123 subdomain).")
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -284,7 +292,7 @@ class Kubernetes(Strict):
     def _ns(cls, v: str) -> str:
         return _check_dns1035(v, "namespace")
 
-    @field_validator("service_account", "priority_class", "scheduler_name")
+    @field_validator("service_account", "priority_class", "scheduler_name", "runtime")
     @classmethod
     def _subdomain(cls, v: str | None, info: ValidationInfo) -> str | None:
         return None if v is None else check_subdomain(v, info.field_name or "name")
