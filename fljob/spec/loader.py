@@ -8,6 +8,7 @@ from ``--set a.b=c`` are applied before validation and reported as their own ori
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -58,8 +59,101 @@ class SpecError(UsageError):
 # --------------------------------------------------------------------------- YAML with marks
 
 
+MAX_SPEC_BYTES = 1 << 20
+"""A spec or site profile is a page of YAML; a megabyte is not one."""
+MAX_VALUES = 100_000
+"""Values after aliases are expanded: a few hundred bytes of nested aliases can otherwise
+stand for billions ("billion laughs")."""
+MAX_DEPTH = 64
+YAML_TAG = "tag:yaml.org,2002:"
+PLAIN_TAGS = frozenset(YAML_TAG + t for t in ("str", "int", "float", "bool", "null", "map", "seq"))
+TEXT_TAGS = frozenset({YAML_TAG + "timestamp"})  # 2024-01-01 is kept as the text it is
+MERGE_TAG = YAML_TAG + "merge"
+
+
+class _Builder:
+    """Plain data from composed YAML nodes, with each value's position.
+
+    Plain data only: mappings, sequences, strings, numbers, booleans, null. Merge keys (`<<:
+    *defaults`) are applied as YAML 1.1 defines them (the mapping's own keys win, then the
+    merged mappings in order); any other tag is refused; aliases are expanded, but never past
+    MAX_VALUES values or MAX_DEPTH levels.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.positions: dict[Loc, str] = {}
+        self.problems: list[Problem] = []
+        self.values = 0
+        self.constructor = yaml.SafeLoader("")  # only its constructor is used: scalar tags -> values
+
+    def mark(self, node: yaml.Node) -> str:
+        return f"{self.source}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+    def build(self, node: yaml.Node, loc: Loc) -> Any:
+        self.values += 1
+        if self.values > MAX_VALUES or len(loc) > MAX_DEPTH:
+            raise _TooLarge(self.mark(node))
+        self.positions.setdefault(loc, self.mark(node))
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, loc)
+        if isinstance(node, yaml.SequenceNode):
+            if node.tag != YAML_TAG + "seq":
+                return self._refuse(node, loc)
+            return [self.build(child, (*loc, i)) for i, child in enumerate(node.value)]
+        if node.tag in TEXT_TAGS:
+            return node.value
+        if node.tag not in PLAIN_TAGS:
+            return self._refuse(node, loc)
+        return self._scalar(node, loc)
+
+    def _scalar(self, node: yaml.Node, loc: Loc) -> Any:
+        try:
+            return self.constructor.construct_object(node)
+        except (ValueError, TypeError, IndexError, yaml.YAMLError):  # an explicit !!int on text that is none
+            self.problems.append(Problem(self.mark(node), _dotted(loc), f"{node.value!r} is not a "
+                                         f"{node.tag.replace(YAML_TAG, '!!')}; remove the tag or fix the value"))
+            return None
+
+    def _refuse(self, node: yaml.Node, loc: Loc) -> None:
+        self.problems.append(Problem(self.mark(node), _dotted(loc), f"YAML tags are not supported (got "
+                                     f"{node.tag.replace(YAML_TAG, '!!')}); write the plain value without it"))
+
+    def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[Any, Any] | None:
+        if node.tag != YAML_TAG + "map":
+            return self._refuse(node, loc)
+        merged: dict[Any, Any] = {}
+        own: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                if not all(isinstance(m, yaml.MappingNode) for m in sources):
+                    self.problems.append(Problem(self.mark(value_node), _dotted(loc), "a merge key (<<) takes a "
+                                                 "mapping or a list of mappings, e.g. <<: *defaults"))
+                    continue
+                for source in reversed(sources):  # the first named wins
+                    merged.update(self.build(source, loc) or {})
+                continue
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in PLAIN_TAGS:
+                self.problems.append(Problem(self.mark(key_node), _dotted(loc), "keys must be plain names"))
+                continue
+            key = self._scalar(key_node, loc)
+            if key in own:
+                self.problems.append(Problem(self.mark(key_node), _dotted((*loc, key)), "duplicate key; keep only one"))
+            self.positions[(*loc, key)] = self.mark(key_node)
+            own[key] = self.build(value_node, (*loc, key))
+        return {**merged, **own}
+
+
+class _TooLarge(Exception):
+    """The YAML expands past MAX_VALUES values or MAX_DEPTH levels."""
+
+
 def _compose(text: str, source: str) -> tuple[Any, dict[Loc, str]]:
     """Parse YAML into plain data plus a map from each value's location to 'file:line:col'."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(source, [Problem(source, "", f"{len(text)} characters is too long for a spec "
+                                         f"(at most {MAX_SPEC_BYTES}); is it the right file?")])
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -68,35 +162,17 @@ def _compose(text: str, source: str) -> tuple[Any, dict[Loc, str]]:
         raise SpecError(source, [Problem(where, "", f"YAML syntax error: {exc.problem}. Fix the YAML syntax there.")]) from None
     except yaml.YAMLError as exc:
         raise SpecError(source, [Problem(source, "", f"YAML error: {exc}")]) from None
-    positions: dict[Loc, str] = {}
-    problems: list[Problem] = []
-    constructor = yaml.SafeLoader("")  # only its constructor is used: scalar tags -> Python values
-
-    def mark(node: yaml.Node) -> str:
-        return f"{source}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
-
-    def build(node: yaml.Node, loc: Loc) -> Any:
-        positions.setdefault(loc, mark(node))
-        if isinstance(node, yaml.MappingNode):
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    problems.append(Problem(mark(key_node), _dotted(loc), "keys must be plain names"))
-                    continue
-                key = constructor.construct_object(key_node)
-                if key in out:
-                    problems.append(Problem(mark(key_node), _dotted((*loc, key)), "duplicate key; keep only one"))
-                positions[(*loc, key)] = mark(key_node)
-                out[key] = build(value_node, (*loc, key))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [build(child, (*loc, i)) for i, child in enumerate(node.value)]
-        return constructor.construct_object(node)
-
-    data = None if root is None else build(root, ())
-    if problems:
-        raise SpecError(source, problems)
-    return data, positions
+    except RecursionError:
+        raise SpecError(source, [Problem(source, "", "the YAML is nested too deeply to be a spec")]) from None
+    builder = _Builder(source)
+    try:
+        data = None if root is None else builder.build(root, ())
+    except _TooLarge as exc:
+        raise SpecError(source, [Problem(str(exc), "", f"the YAML expands to more than {MAX_VALUES} values or "
+                                         f"{MAX_DEPTH} levels (aliases of aliases?); write the spec out plainly")]) from None
+    if builder.problems:
+        raise SpecError(source, builder.problems)
+    return data, builder.positions
 
 
 def _dotted(loc: Loc) -> str:
@@ -117,10 +193,14 @@ def parse_override(text: str) -> tuple[Loc, Any]:
     if not key or any(not part for part in key.split(".")):
         raise SpecError("--set", [Problem(f"--set {text}", key, "the key must be a dotted path like training.steps")])
     loc = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+    if raw == "":
+        return loc, ""
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+        value, _ = _compose(raw, f"--set {text}")
+    except SpecError as exc:
+        if any("syntax error" in p.message for p in exc.problems):
+            return loc, raw  # not YAML: the plain text it is
+        raise
     return loc, value
 
 
@@ -190,7 +270,7 @@ def _suggest(word: str, choices: list[str]) -> str:
 def _describe(err: dict[str, Any]) -> str:
     loc: Loc = tuple(err["loc"])
     kind = err["type"]
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and loc:
         owner = _model_at(loc[:-1])
         known = sorted(owner.model_fields) if owner else []
         hint = _suggest(str(loc[-1]), known)
@@ -225,12 +305,21 @@ def _origin(loc: Loc, positions: dict[Loc, str], source: str) -> str:
     return source
 
 
+# pydantic's synthetic location parts: 'function-after[_check(), Model]', 'list[str]', ...
+_SYNTHETIC = re.compile(r"^[a-z][a-z-]*\[.*\]$")
+
+
 def _field_loc(loc: Loc) -> Loc:
-    """Drop pydantic's synthetic location parts (e.g. 'function-after[...]')."""
-    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    """Drop pydantic's synthetic location parts (a user's key, however odd, stays)."""
+    return tuple(p for p in loc if not (isinstance(p, str) and _SYNTHETIC.match(p)))
 
 
 # --------------------------------------------------------------------------- entry points
+
+
+SCRATCH_PREFIX = "x-"
+"""Top-level keys starting with it hold YAML anchors for merge keys and are not spec fields:
+`x-defaults: &defaults {...}`, then `training: {<<: *defaults, steps: 100}`."""
 
 
 def _compose_mapping(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, str]]:
@@ -239,7 +328,7 @@ def _compose_mapping(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, 
         data = {}
     if not isinstance(data, dict):
         raise SpecError(source, [Problem(f"{source}:1:1", "", "the spec must be a YAML mapping of fields")])
-    return data, positions
+    return {k: v for k, v in data.items() if not str(k).startswith(SCRATCH_PREFIX)}, positions
 
 
 def _merge_under(site: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
