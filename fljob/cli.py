@@ -351,9 +351,10 @@ def cmd_render(args: argparse.Namespace) -> int:
         for f in files:
             sys.stdout.write(f"# ---- {f.name}\n{f.content}")
         return 0
-    folder = args.output or Path(spec.resolved_run_dir)
-    for f in files:
-        print(f.write(folder))
+    from fljob.backends.base import write_rendered
+
+    for path in write_rendered(args.output or Path(spec.resolved_run_dir), files):
+        print(path)
     return 0
 
 

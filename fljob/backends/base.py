@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from fljob import __version__
 from fljob.errors import UsageError, elide
+from fljob.files import OutFile, write_files
 from fljob.spec import JobSpec, Problem, SpecError, problem_at
 from fljob.spec.models import SecretRef
 from fljob.spec.sweep import Trial, expand
@@ -41,13 +42,15 @@ class RenderedFile:
 
     def write(self, folder: Path) -> Path:
         """Write atomically (temp file + rename) so a failed render never leaves half a file."""
-        path = folder / self.name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.content, encoding="utf-8")
-        tmp.chmod(0o755 if self.executable else 0o644)
-        tmp.replace(path)
-        return path
+        return write_files(folder, [self.as_out_file()])[0]
+
+    def as_out_file(self) -> OutFile:
+        return OutFile(self.name, self.content, 0o755 if self.executable else 0o644)
+
+
+def write_rendered(folder: Path, files: list[RenderedFile] | tuple[RenderedFile, ...]) -> list[Path]:
+    """Every rendered file into ``folder``, or none of them (fljob.files.write_files)."""
+    return write_files(folder, [f.as_out_file() for f in files])
 
 
 def shell_join(argv: list[str] | tuple[str, ...]) -> str:
@@ -214,7 +217,7 @@ class Submission:
         return "\n".join(lines)
 
     def write(self) -> list[Path]:
-        return [f.write(self.folder) for f in self.files]
+        return write_rendered(self.folder, self.files)
 
 
 @runtime_checkable

@@ -1,0 +1,77 @@
+"""Writing fljob's output files: all of them or none, and a clear line when the disk says no.
+
+Every command that writes files (render, submit, dashboard, coord-check, sweep report) goes
+through :func:`write_files`: each file is written to a temporary name beside its target and
+renamed only once every file is written, so a read-only folder, a path that is a file, a full
+disk or a missing permission leaves nothing half-written; the error names the path and the
+cause in words, and the CLI exits 2.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fljob.errors import UsageError, elide
+
+CAUSES = {
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+    errno.EEXIST: "a file is in the way of a folder",
+    errno.ENAMETOOLONG: "the name is too long",
+}
+
+
+class WriteError(UsageError):
+    """A file could not be written; nothing of the batch was left behind."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        cause = CAUSES.get(exc.errno or 0, exc.strerror or str(exc))
+        super().__init__(f"cannot write {elide(path)}: {cause}. Choose another output folder, or free or "
+                         "fix that one; nothing was written")
+        self.path = path
+
+
+@dataclass(frozen=True)
+class OutFile:
+    name: str  # relative to the folder; may hold subfolders
+    content: str | bytes
+    mode: int = 0o644
+
+
+def write_files(folder: Path, files: Iterable[OutFile]) -> list[Path]:
+    """Write every file under ``folder`` or none (temp file + rename, after all are written)."""
+    staged: list[tuple[Path, Path]] = []
+    made: list[Path] = []
+    target = folder
+    try:
+        for f in files:
+            target = folder / f.name
+            for parent in reversed([p for p in [target.parent, *target.parent.parents] if not p.exists()]):
+                parent.mkdir()
+                made.append(parent)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            staged.append((tmp, target))
+            if isinstance(f.content, bytes):
+                tmp.write_bytes(f.content)
+            else:
+                tmp.write_text(f.content, encoding="utf-8")
+            tmp.chmod(f.mode)
+        for tmp, target in staged:
+            tmp.replace(target)
+    except OSError as exc:
+        for leftover in [*(tmp for tmp, _ in staged), *reversed(made)]:
+            try:
+                leftover.rmdir() if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise WriteError(target, exc) from None
+    return [t for _, t in staged]
