@@ -15,19 +15,17 @@ import pytest
 
 pytest.importorskip("torchtitan")
 
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torchtitan.components.lr_scheduler import build_lr_schedulers
 
-from torchtitan.components.lr_scheduler import build_lr_schedulers  # noqa: E402
-
-from fljob import backends  # noqa: E402
-from fljob.spec import JobSpec, SpecError  # noqa: E402
-
-from fljob.trainer.job_config import build_job_config  # noqa: E402
-from fljob.trainer.model.flavors import args_for_spec, flavor_name, get_flavor  # noqa: E402
-from fljob.trainer.model.model import MuPTransformer  # noqa: E402
-from fljob.trainer.train_spec import build_mup_optimizers  # noqa: E402
+from fljob import backends
+from fljob.spec import JobSpec, SpecError
+from fljob.trainer.job_config import build_job_config
+from fljob.trainer.model.flavors import args_for_spec, flavor_name, get_flavor
+from fljob.trainer.model.model import MuPTransformer
+from fljob.trainer.train_spec import build_mup_optimizers
 
 UNIT = st.floats(-0.1, 1.2, allow_nan=False)
 POSITIVE = st.one_of(st.floats(1e-9, 10.0), st.sampled_from([0.0, -1e-3, 1e-12]))
