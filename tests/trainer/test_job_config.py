@@ -53,7 +53,7 @@ def test_defaults_map_onto_torchtitan_sections() -> None:
 def test_every_spec_field_that_torchtitan_reads_is_carried() -> None:
     spec = make_spec(
         optimizer={"name": "qhadopt", "lr": 1e-3, "betas": [0.8, 0.99], "eps": 1e-6,
-                   "weight_decay": 1e-4, "nus": [0.6, 0.9], "implementation": "single_tensor",
+                   "weight_decay": 1e-4, "nus": [0.6, 1.0], "implementation": "single_tensor",
                    "grad_clip_norm": None},
         schedule={"warmup_steps": 7, "decay_type": "cosine", "decay_ratio": 0.2,
                   "min_lr_factor": 0.1},
@@ -68,7 +68,7 @@ def test_every_spec_field_that_torchtitan_reads_is_carried() -> None:
     assert cfg.model.flavor == "7.61M"
     opt = cfg.optimizer
     assert (opt.name, opt.lr, opt.beta1, opt.beta2, opt.eps, opt.weight_decay, opt.nus) == (
-        "qhadopt", 1e-3, 0.8, 0.99, 1e-6, 1e-4, (0.6, 0.9))
+        "qhadopt", 1e-3, 0.8, 0.99, 1e-6, 1e-4, (0.6, 1.0))
     assert opt.implementation == "for-loop"
     assert math.isinf(cfg.training.max_norm)  # no clipping; the norm is still logged
     s = cfg.lr_scheduler
