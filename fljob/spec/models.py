@@ -523,15 +523,19 @@ class Checkpoint(Strict):
     keep_latest: int = Field(3, ge=1, description="Committed steps to keep.")
     async_save: bool = False
     resume: bool = Field(True, description="Resume from the latest committed step when one exists.")
+    init_from: str | None = Field(
+        None, description="A checkpoint (a run's checkpoint folder or URI, or one step-<N> of it) whose model "
+                          "weights start this run at step 0, e.g. what `fljob import hf` wrote; only when "
+                          "there is nothing of this run to resume (its own latest checkpoint wins).")
 
-    @field_validator("uri")
+    @field_validator("uri", "init_from")
     @classmethod
-    def _uri(cls, v: str | None) -> str | None:
+    def _uri(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
         scheme = v.split("://", 1)[0] if "://" in v else ""
         if scheme not in ("", "s3", "file"):
-            raise ValueError(f"checkpoint uri {v!r} must be s3://..., file://... or a path")
+            raise ValueError(f"checkpoint {info.field_name} {v!r} must be s3://..., file://... or a path")
         return v
 
 
