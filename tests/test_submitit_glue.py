@@ -9,7 +9,7 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
-from fljob.backends import submitit_glue  # noqa: E402
+from fljob.backends import submitit_glue
 
 
 def test_installed_submitit_is_a_verified_version() -> None:
