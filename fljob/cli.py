@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(sub)
     _add_dashboard_parser(sub)
     _add_mup_parser(sub)
+    _add_hf_parsers(sub)
     return parser
 
 
@@ -282,6 +283,113 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+EXPORT_HF_EPILOG = """\
+CHECKPOINT is one of (local or s3://; the step is `latest`, checked against its COMMITTED
+marker, unless --step names another committed one):
+  a run folder          runs/tiny-mup            (its spec.yaml or job_config.json says where
+                                                  its checkpoints are)
+  a checkpoint URI      runs/tiny-mup/checkpoints, s3://bucket/ckpt/tiny-mup
+  one step of it        runs/tiny-mup/checkpoints/step-50
+Only the model's tensors are read (never the optimizer state), on the CPU, from a checkpoint
+saved by any number of ranks. The model is the one the step's manifest.json records (the
+run's resolved spec); embedding norm and peri-norms are read from the stored tensors.
+
+OUT gets (written all at once, or nothing; OUT must be new or empty):
+  config.json, generation_config.json   a LlamaConfig (or fljob_llama, below)
+  model.safetensors                     float32; above --max-shard-size:
+                                        model-0000i-of-0000n.safetensors + model.safetensors.index.json
+  tokenizer.json, tokenizer_config.json the run's tokenizer: --tokenizer, else the spec's
+                                        data.tokenizer, else <run folder>/data/tokenizer.json,
+                                        else tokenizer.json beside the first data stream
+  fljob_reference.json                  a fixed text's tokens, fljob's float32 logits at the
+                                        first and last position and its loss: the proof
+  modeling_fljob_llama.py               only when a stock Llama cannot compute the model
+
+muP is folded into the weights (the same function, no multiplier left in the config):
+  input multiplier      -> embed_tokens (the embedding norm's gain when there is one)
+  residual L^-alpha     -> o_proj and down_proj (the peri-norm gains when there are any)
+  logit output_alpha/m  -> the final norm's gain (model.norm)
+  attention 1/head_dim  -> q_proj (by sqrt(head_dim)/head_dim; HF scales by 1/sqrt(head_dim))
+A stock LlamaForCausalLM is written when the model allows it. Embedding norm, peri-norms
+and a tied embedding with input_alpha != 1 have no stock equivalent: then config.json's
+auto_map names modeling_fljob_llama.py, shipped in OUT (a LlamaForCausalLM with those
+modules added), and loading needs trust_remote_code=True.
+
+After writing, OUT is loaded back with transformers (float32, CPU) and its logits are
+checked against fljob_reference.json (tolerance 1e-4 + 1e-5 x |logit|); --no-verify skips it.
+
+load it:
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  model = AutoModelForCausalLM.from_pretrained("out/", trust_remote_code=True)
+  tokenizer = AutoTokenizer.from_pretrained("out/")
+  ids = tokenizer("Return a new sorted list", return_tensors="pt").input_ids
+  print(tokenizer.decode(model.generate(ids, max_new_tokens=20)[0]))
+
+examples:
+  fljob export hf runs/tiny-mup -o hf/tiny-mup
+  fljob export hf s3://bucket/ckpt/tiny-mup --step 500 -o hf/ --endpoint-url http://127.0.0.1:8080
+"""
+
+IMPORT_HF_EPILOG = """\
+HF_FOLDER is a local Hugging Face folder of a Llama (config.json with model_type llama, or
+fljob_llama from `fljob export hf`) with safetensors weights. The target model is the spec's
+(SPEC and --set: model.flavor, model.width, model.depth and the muP settings) at the folder's
+vocabulary: every config value that changes the function must match it (hidden size,
+layers, heads, KV heads, FFN width, RoPE theta and type, norm epsilon, no biases, tying),
+and every tensor must have the model's shape (the error names the tensor and both shapes).
+The spec's muP multipliers are divided out of the weights (the inverse of export's
+folding), so the fljob model computes what the HF model computed.
+
+CHECKPOINT (a new folder or s3:// prefix) gets step-0 with the model weights only, its
+manifest (the spec) and COMMITTED, and `latest`, as the trainer writes them; the folder's
+tokenizer.json is copied beside them. Start a run from it with
+  checkpoint: {init_from: CHECKPOINT}     data: {tokenizer: CHECKPOINT/tokenizer.json}
+(init_from applies only when the run has nothing of its own to resume; do not point
+checkpoint.uri at it: it has no optimizer state.)
+
+examples:
+  fljob import hf hf/tiny-mup spec.yaml -o imported/
+  fljob import hf llama-dir/ spec.yaml --set model.width=512 -o s3://bucket/init/llama
+"""
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: the spec's storage, $S3_ENDPOINT_URL, else AWS)")
+    p.add_argument("--region", help="S3 region (default: the spec's storage, $AWS_DEFAULT_REGION, else us-east-1)")
+
+
+def _add_hf_parsers(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="export a checkpoint for other tools (hf: Hugging Face transformers)")
+    export_sub = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    p = export_sub.add_parser(
+        "hf", help="a folder that transformers' AutoModelForCausalLM loads, muP folded, logits proven equal",
+        description="Export one committed step of an fljob checkpoint as a Hugging Face model folder.",
+        epilog=EXPORT_HF_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder, checkpoint URI or step folder")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="folder to write (new or empty)")
+    p.add_argument("--step", type=int, help="committed step to export (default: latest)")
+    p.add_argument("--tokenizer", metavar="PATH_OR_URI", help="the run's tokenizer.json (default: found from the run)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file before the weights are sharded (default: 5GB)")
+    p.add_argument("--no-verify", action="store_true", help="do not load OUT back to compare its logits")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--spec", type=Path, help="take S3 endpoint, region and credential references from this "
+                                             "job spec's storage: section")
+    _add_storage_args(p)
+
+    imp = sub.add_parser("import", help="import a model from other tools (hf: a Hugging Face Llama)")
+    imp_sub = imp.add_subparsers(dest="import_command", required=True, metavar="FORMAT")
+    p = imp_sub.add_parser(
+        "hf", help="a Hugging Face Llama folder as a committed fljob checkpoint to start a run from",
+        description="Import a Hugging Face Llama whose shapes the spec's model matches as an fljob checkpoint.",
+        epilog=IMPORT_HF_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("hf_folder", type=Path, metavar="HF_FOLDER", help="Hugging Face model folder")
+    p.add_argument("-o", "--output", required=True, metavar="CHECKPOINT",
+                   help="checkpoint location to write: a new folder or s3://bucket/prefix")
+    _add_spec_args(p, required=False)
+    _add_storage_args(p)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -404,6 +512,58 @@ def cmd_mup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hf_storage(spec, args: argparse.Namespace):
+    """The spec's storage section (or the environment's endpoint and region), with the
+    command line's overrides, applied to this process (credentials from references/env)."""
+    from fljob.spec.models import Storage
+    from fljob.storage import apply_storage_environment
+
+    storage = spec.storage if spec is not None else Storage(
+        region=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None)
+    storage = storage.model_copy(update={"endpoint_url": args.endpoint_url or storage.endpoint_url,
+                                         "region": args.region or storage.region})
+    apply_storage_environment(storage)
+    return storage
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`fljob export hf`: find the step, write the folder, check it with transformers."""
+    spec = _load(argparse.Namespace(spec=args.spec, overrides=[], site=None)) if args.spec else None
+    storage = _hf_storage(spec, args)
+    from fljob.trainer.hf.export import export_hf
+    from fljob.trainer.hf.source import open_checkpoint
+
+    source = open_checkpoint(args.checkpoint, step=args.step, storage=storage)
+    result = export_hf(source, args.output, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
+                       verify=not args.no_verify, progress=not args.no_progress)
+    for path in result.paths:
+        print(path)
+    kind = "fljob_llama (trust_remote_code=True)" if result.remote_code else "stock LlamaForCausalLM"
+    print(f"{args.output}: {result.source} as {kind}, tokenizer from {result.tokenizer}"
+          + (f"; transformers matches fljob: {result.verified}" if result.verified else ""))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """`fljob import hf`: check the folder against the spec's model, write step-0, commit."""
+    from fljob.spec.loader import load_spec_text
+
+    spec = _load(args) if args.spec else load_spec_text("name: hf-import\n", "<default spec>", args.overrides)
+    storage = _hf_storage(spec, args)
+    from fljob.trainer.checkpoint.store import CheckpointStore, normalize_uri, storage_options
+    from fljob.trainer.hf.importer import import_hf
+
+    uri = normalize_uri(args.output, os.getcwd())
+    store = CheckpointStore(uri, storage_options(uri, storage, os.environ))
+    result = import_hf(args.hf_folder, args.output, spec, store)
+    print(f"{result.uri}: committed ({result.args.dim} wide, {result.args.n_layers} blocks, "
+          f"vocabulary {result.args.vocab_size}, from {args.hf_folder})")
+    print(f"start a run from it:  checkpoint: {{init_from: {uri}}}"
+          + (f"  data: {{tokenizer: {result.tokenizer}}}" if result.tokenizer else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:  # torchrun's own arguments follow; argparse must not touch them
@@ -419,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": cmd_data,
         "dashboard": cmd_dashboard,
         "mup": cmd_mup,
+        "export": cmd_export,
+        "import": cmd_import,
     }
     try:
         if args.command in handlers:
