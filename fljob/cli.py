@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(sub)
     _add_dashboard_parser(sub)
     _add_mup_parser(sub)
+    _add_sweep_parser(sub)
     _add_hf_parsers(sub)
     return parser
 
@@ -390,6 +391,70 @@ def _add_hf_parsers(sub: argparse._SubParsersAction) -> None:
     _add_storage_args(p)
 
 
+SWEEP_REPORT_EPILOG = """\
+RUNS is where a sweep's trials left their summary.json:
+  a run folder     runs/lr-width      the sweep's run_dir: sweep.json and one folder per trial
+                                      (what `fljob submit` of a spec with a sweep: block makes)
+  an S3 prefix     s3://bucket/ckpt   the sweep's checkpoint.uri: each trial copies its summary
+                                      to <prefix>/<trial name>/summary.json; trials are found by
+                                      listing (endpoint: --endpoint-url, $S3_ENDPOINT_URL or
+                                      $AWS_ENDPOINT_URL; credentials from the environment)
+A sweep still running, or with failed trials, is reported as far as it got: trials without a
+summary are listed as missing, unfinished ones as such, and only completed trials count.
+
+the rules: seeds (training.seed in the grid) are averaged; the loss is the final held-out
+(validation) loss, or the final train loss, labelled so, when no trial has one; the optimum
+of a width is the learning rate with the lowest mean loss over its completed seeds, among
+those where no seed diverged (an lr where any seed diverged is not an optimum). muP and
+SP (model.mup in the grid), and any other swept field, are compared apart. The verdict: how
+many grid steps (positions in the sorted swept learning rates) the optimum moved from the
+narrowest to the widest width with an optimum; 0 is what muP promises, SP drifts down.
+
+OUT gets (all three files or none):
+  report.json    every trial (index, name, overrides, state, final train and validation
+                 loss with its step, diverged), every (width, lr) point (mean/min/max over
+                 seeds), the optimum per width and the verdict per group; NaN/inf as strings
+  transfer.png   the loss against optimizer.lr (log2 axis), one line per width (dark =
+                 narrow, bright = wide), muP and SP side by side sharing the y axis; the band
+                 spans the seeds, a star marks each width's optimum; an x on the top edge is
+                 a diverged trial, a hollow triangle a loss above the axis (the axis stops
+                 at the outliers so they do not flatten the curves). muP transfers when the
+                 stars line up vertically.
+  best.yaml      the optimum at the tuned width (the narrowest, or --tuned-width) as a job
+                 spec for the target width (the widest, or --target-width): the trial's
+                 resolved spec with model.width set, its own name (<sweep>-best) and run_dir.
+                 With muP and SP swept, the muP optimum (that is what transfers). Not written
+                 when the tuned width has no optimum.
+stdout: the optimum per width, the verdicts, and the diverged, unfinished and missing trials.
+
+examples:
+  fljob sweep report runs/lr-width -o report/
+  fljob sweep report s3://bucket/ckpt/lr-width -o report/ --endpoint-url http://127.0.0.1:8080
+  fljob sweep report runs/lr-width -o report/ --tuned-width 256 --target-width 4096
+  fljob validate report/best.yaml && fljob submit --backend slurm report/best.yaml
+"""
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    sweep = sub.add_parser("sweep", help="sweep tools: report (does the optimum hold across width?)")
+    sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SUBCOMMAND")
+    p = sweep_sub.add_parser(
+        "report", help="optimum per width, the muTransfer verdict, transfer.png and best.yaml",
+        description="Compare a sweep's trials by their final loss: the best learning rate of every "
+                    "width, for muP and SP, and whether it moved as the model got wider.",
+        epilog=SWEEP_REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", metavar="RUNS", help="the sweep's run folder, or s3://bucket/prefix of its trials")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+                   help="folder for report.json, transfer.png and best.yaml (created if missing)")
+    p.add_argument("--tuned-width", type=int, metavar="W",
+                   help="width whose optimum goes into best.yaml (default: the narrowest swept)")
+    p.add_argument("--target-width", type=int, metavar="W",
+                   help="model.width of best.yaml (default: the widest swept)")
+    p.add_argument("--endpoint-url", help="S3 endpoint for an s3:// RUNS (default: $S3_ENDPOINT_URL, "
+                                          "$AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--region", help="S3 region (default: $AWS_DEFAULT_REGION, else us-east-1)")
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -564,6 +629,21 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """`fljob sweep report`: the S3 endpoint of an s3:// RUNS into the environment, then the report."""
+    from fljob import storage
+    from fljob.spec.models import Storage
+    from fljob.sweep_report import report
+
+    if storage.is_s3(args.runs):
+        storage.apply_storage_environment(Storage(
+            endpoint_url=args.endpoint_url or os.environ.get("S3_ENDPOINT_URL")
+            or os.environ.get("AWS_ENDPOINT_URL") or None,
+            region=args.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"))
+    sys.stdout.write(report(args.runs, args.output, args.tuned_width, args.target_width))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:  # torchrun's own arguments follow; argparse must not touch them
@@ -579,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": cmd_data,
         "dashboard": cmd_dashboard,
         "mup": cmd_mup,
+        "sweep": cmd_sweep,
         "export": cmd_export,
         "import": cmd_import,
     }
