@@ -247,6 +247,14 @@ exists offline on any machine. DEST is a folder or s3://bucket/prefix. Documents
 with EOS and cut into samples of seq_len+1 tokens; DEST gets zstd MDS shards, index.json,
 tokenizer.json and fljob_index.json (token counts; written last, it marks DEST complete).
 
+--validation-fraction F holds out about F of the documents for the held-out loss that
+training.validation_interval evaluates. Each document goes whole to one side, decided by a
+hash of its text: the same split every time, disjoint, repeated documents on one side. DEST
+then holds two complete datasets with the same tokenizer.json (a trained BPE learns from
+the training documents only):
+  DEST/train/        ->  data: {streams: [{uri: DEST/train}]}
+  DEST/validation/   ->        validation: [{uri: DEST/validation}]
+
 S3: endpoint and region from --endpoint-url/--region, $S3_ENDPOINT_URL/$AWS_DEFAULT_REGION
 or the storage: section of --spec; credentials only from the environment
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the spec's references.
@@ -256,6 +264,9 @@ examples:
   fljob data prepare corpus.jsonl s3://datasets/corpus --tokenizer tokenizer.json \\
       --endpoint-url http://127.0.0.1:8080
   then train from it:  data: {streams: [{uri: s3://datasets/corpus}]}
+  fljob data prepare corpus/ s3://datasets/corpus --validation-fraction 0.01
+  then:  data: {streams: [{uri: s3://datasets/corpus/train}],
+                validation: [{uri: s3://datasets/corpus/validation}]}
 """
 
 
@@ -277,6 +288,9 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--shard-size", default="64mb", help="uncompressed shard size limit (default: 64mb)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
+    p.add_argument("--validation-fraction", type=float, metavar="F",
+                   help="hold out about F of the documents (0 < F < 1): write DEST/train and "
+                        "DEST/validation instead of one dataset (see below)")
     p.add_argument("--spec", type=Path, help="take S3 endpoint, region and credential references "
                                              "from this job spec's storage: section")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $S3_ENDPOINT_URL, else AWS)")
@@ -475,16 +489,24 @@ def cmd_data(args: argparse.Namespace) -> int:
         "endpoint_url": args.endpoint_url or storage.endpoint_url,
         "region": args.region or storage.region})
     apply_storage_environment(storage)
-    from fljob.trainer.data.mds_prepare import PrepareConfig, prepare_mds
+    from fljob.trainer.data.mds_prepare import PrepareConfig, prepare_mds, prepare_split
 
     config = PrepareConfig(
         src=args.src, dest=args.dest, seq_len=args.seq_len, tokenizer=args.tokenizer,
         text_field=args.text_field, shard_size=args.shard_size, overwrite=args.overwrite)
     if args.vocab_size:
         config = dataclasses.replace(config, vocab_size=args.vocab_size)
-    index = prepare_mds(config, progress=not args.no_progress)
-    print(f"{args.dest}: {index.documents} documents, {index.tokens} tokens, "
-          f"{index.samples} samples of {index.seq_len + 1} tokens (vocab {index.vocab_size})")
+    if args.validation_fraction is None:
+        written = {args.dest: prepare_mds(config, progress=not args.no_progress)}
+    else:
+        written = prepare_split(config, args.validation_fraction, progress=not args.no_progress)
+    for uri, index in written.items():
+        print(f"{uri}: {index.documents} documents, {index.tokens} tokens, "
+              f"{index.samples} samples of {index.seq_len + 1} tokens (vocab {index.vocab_size})")
+    if args.validation_fraction is not None:
+        train, validation = written
+        print(f"train from it:  data: {{streams: [{{uri: {train}}}], "
+              f"validation: [{{uri: {validation}}}]}}")
     return 0
 
 

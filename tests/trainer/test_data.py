@@ -1,4 +1,5 @@
-"""Bundled-text data: corpus, BPE, token file and the stateful data-parallel loader."""
+"""Bundled-text data: corpus, BPE, the train/held-out split, token files, the stateful
+data-parallel loader and the held-out batches."""
 
 from __future__ import annotations
 
@@ -7,11 +8,23 @@ import pytest
 
 pytest.importorskip("torchtitan")
 
+import torch
+
 from fljob.errors import UsageError
 from fljob.spec.models import JobSpec
-from fljob.trainer.data.builder import build_dataloader, build_tokenizer
+from fljob.trainer.data.builder import (
+    build_dataloader,
+    build_tokenizer,
+    build_validation_batches,
+)
 from fljob.trainer.data.loader import TokenWindowLoader
-from fljob.trainer.data.prepare import prepare_bundled_text, tokens_path
+from fljob.trainer.data.prepare import (
+    BUNDLED_VALIDATION_FRACTION,
+    prepare_bundled_text,
+    tokens_path,
+    validation_tokens_path,
+)
+from fljob.trainer.data.split import held_out, split_documents
 from fljob.trainer.data.text import bundled_documents
 from fljob.trainer.data.token_file import open_tokens, read_info
 from fljob.trainer.data.tokenizer import EOS_TOKEN, train_bpe
@@ -44,21 +57,48 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> JobSpec:
     return spec
 
 
-def test_prepare_writes_tokens_that_decode_to_the_corpus(prepared: JobSpec) -> None:
+def test_the_split_is_by_document_disjoint_and_stable() -> None:
+    docs = bundled_documents()
+    train, validation = split_documents(docs, BUNDLED_VALIDATION_FRACTION)
+    assert sorted(train + validation) == sorted(docs) and not set(train) & set(validation)
+    reversed_train, reversed_validation = split_documents(docs[::-1], BUNDLED_VALIDATION_FRACTION)
+    assert (reversed_train, reversed_validation) == (train[::-1], validation[::-1])  # no order
+    # Decided by each document's text alone: a document's side does not depend on the others.
+    assert [held_out(d, BUNDLED_VALIDATION_FRACTION) for d in docs] == [d in validation for d in docs]
+    # The held-out share of the text is near the fraction, and enough to evaluate on.
+    share = sum(map(len, validation)) / sum(map(len, docs))
+    assert 0.1 < share < 0.3, share
+    # A larger fraction only adds documents to the held-out side (the hash is a threshold).
+    assert set(validation) <= set(split_documents(docs, 0.5)[1])
+    assert split_documents(docs, 0.0) == (docs, []) and split_documents(docs, 1.0) == ([], docs)
+
+
+def _decoded_documents(tokenizer, tokens: np.ndarray) -> list[str]:
+    ends = np.flatnonzero(tokens == tokenizer.eos_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [tokenizer.decode(tokens[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
+
+
+def test_prepare_writes_the_training_and_the_held_out_documents_apart(prepared: JobSpec) -> None:
     tokenizer = build_tokenizer(prepared)
-    tokens = open_tokens(tokens_path(prepared))
-    info = read_info(tokens_path(prepared))
-    assert info is not None and info.dtype == "<u2" and len(tokens) == info.num_tokens
-    assert tokens.max() < VOCAB
-    first_eos = int(np.argmax(tokens == tokenizer.eos_id))
-    assert tokenizer.decode(tokens[:first_eos].tolist()) == bundled_documents()[0]
+    train, validation = split_documents(bundled_documents(), BUNDLED_VALIDATION_FRACTION)
+    for path, docs in ((tokens_path(prepared), train),
+                       (validation_tokens_path(prepared), validation)):
+        tokens = open_tokens(path)
+        info = read_info(path)
+        assert info is not None and info.dtype == "<u2" and len(tokens) == info.num_tokens
+        assert tokens.max() < VOCAB
+        assert _decoded_documents(tokenizer, tokens) == docs
+    # The BPE learned from the training documents only: the same BPE as one trained on them.
+    assert tokenizer.tokenizer.to_str() == train_bpe(train, VOCAB).to_str()
 
 
 def test_prepare_reuses_and_invalidates(prepared: JobSpec) -> None:
     path = tokens_path(prepared)
-    before = path.stat().st_mtime_ns
+    before = path.stat().st_mtime_ns, validation_tokens_path(prepared).stat().st_mtime_ns
     prepare_bundled_text(prepared, vocab_size=VOCAB)
-    assert path.stat().st_mtime_ns == before  # same tokenizer: reused
+    after = path.stat().st_mtime_ns, validation_tokens_path(prepared).stat().st_mtime_ns
+    assert after == before  # same tokenizer: reused
     other = prepared.model_copy(update={"run_dir": str(path.parent.parent / "other")})
     prepare_bundled_text(other, vocab_size=VOCAB + 64)
     assert build_tokenizer(other).get_vocab_size() == VOCAB + 64
@@ -136,3 +176,30 @@ def test_builder_uses_the_prepared_file_or_refuses_an_unprepared_stream(
                                         "data": {"streams": [{"uri": str(tmp_path)}]}})
     with pytest.raises(UsageError, match="fljob data prepare"):  # streams: tests/trainer/test_streaming.py
         build_dataloader(streaming, 0, 1, tokenizer)
+
+
+def test_held_out_batches_are_the_same_every_time_and_never_training_text(
+        prepared: JobSpec, caplog: pytest.LogCaptureFixture) -> None:
+    tokenizer = build_tokenizer(prepared)
+    spec = prepared.model_copy(update={"training": prepared.training.model_copy(
+        update={"validation_batches": 3})})
+    first = build_validation_batches(spec, 0, 2, tokenizer)
+    again = build_validation_batches(spec, 0, 2, tokenizer)
+    other_rank = build_validation_batches(spec, 1, 2, tokenizer)
+    assert len(first) == 3 and first[0][0]["input"].shape == (4, 32)
+    for (a, la), (b, lb) in zip(first, again, strict=True):
+        assert torch.equal(a["input"], b["input"]) and torch.equal(la, lb)
+    rows = {tuple(x.tolist()) for inputs, _ in first for x in inputs["input"]}
+    assert not rows & {tuple(x.tolist()) for inputs, _ in other_rank for x in inputs["input"]}
+    # Every window comes from the held-out token file, none from the training one.
+    held = open_tokens(validation_tokens_path(prepared))
+    windows = {tuple(held[i * 32:i * 32 + 32].tolist()) for i in range((len(held) - 1) // 32)}
+    assert rows <= windows
+    # More batches than the split holds: each evaluation uses those there are, and says so.
+    spec.training.validation_batches = 10_000
+    capped = build_validation_batches(spec, 0, 1, tokenizer)
+    assert len(capped) == (len(held) - 1) // 32 // 4
+    assert "fewer than training.validation_batches (10000)" in caplog.text
+    spec.training.local_batch_size = 10_000
+    with pytest.raises(UsageError, match="held-out split is too small"):
+        build_validation_batches(spec, 0, 1, tokenizer)

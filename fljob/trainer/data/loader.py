@@ -40,6 +40,11 @@ class TokenWindowLoader(BaseDataLoader):
     def step_windows(self) -> int:
         return self.dp_world * self.batch_size
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank gets from one epoch before any window repeats."""
+        return self.num_windows // self.step_windows
+
     def order(self, epoch: int) -> np.ndarray:
         """The window order of ``epoch``: the same permutation on every rank."""
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)

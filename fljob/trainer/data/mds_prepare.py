@@ -11,6 +11,12 @@ produced the ids and ``fljob_index.json`` (token counts, seq_len, tokenizer hash
 fljob index is written last and is the completion marker: a run that fails half-way
 leaves no ``fljob_index.json``, and the trainer refuses a stream without one.
 
+With a validation fraction (:func:`prepare_split`), each document goes whole to
+``DEST/train`` or ``DEST/validation`` (:mod:`.split`: by a hash of its text, so the split is
+disjoint and the same every time), and each of the two folders is a complete dataset as
+above, with the same ``tokenizer.json``; a trained BPE learns from the training documents
+only. They are what ``data.streams`` and ``data.validation`` name.
+
 The bundled corpus (``builtin:pydoc``) is Python's ``pydoc_data.topics``, see
 :mod:`fljob.trainer.data.text`: it ships with every CPython, so a fresh machine with no
 network prepares and trains on real English text.
@@ -22,15 +28,17 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from fljob import storage
 from fljob.errors import UsageError
+from fljob.trainer.data.split import held_out
 from fljob.trainer.data.streaming_compat import import_streaming
 from fljob.trainer.data.text import bundled_documents, bundled_source
 from fljob.trainer.data.token_file import token_dtype
@@ -48,6 +56,11 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 ENCODE_BATCH = 256
 """Documents tokenized per call (the Rust tokenizer parallelises within a batch)."""
+TRAIN_SPLIT, VALIDATION_SPLIT = "train", "validation"
+"""The folders under DEST that :func:`prepare_split` writes."""
+
+Route = Callable[[str], int]
+"""Which output a document's text goes to (an index into the outputs)."""
 
 
 @dataclass(frozen=True)
@@ -150,11 +163,14 @@ def describe_source(src: str) -> str:
 # ---------------------------------------------------------------------------- tokenizer
 
 
-def load_or_train_tokenizer(config: PrepareConfig, workdir: Path) -> TokenizerFile:
-    """The given tokenizer.json (path or URI), else a BPE trained on the input."""
+def load_or_train_tokenizer(config: PrepareConfig, workdir: Path,
+                            route: Route = lambda text: 0) -> TokenizerFile:
+    """The given tokenizer.json (path or URI), else a BPE trained on the input documents
+    that ``route`` sends to the first output (the training split)."""
     target = workdir / TOKENIZER_FILE
     if config.tokenizer is None:
-        texts = (text for text, _ in iter_documents(config.src, config.text_field))
+        texts = (text for text, _ in iter_documents(config.src, config.text_field)
+                 if route(text) == 0)
         train_bpe(texts, config.vocab_size).save(str(target))
     else:
         data = storage.read_bytes(config.tokenizer)
@@ -195,7 +211,9 @@ class SamplePacker:
 # ----------------------------------------------------------------------------- prepare
 
 
-def _check_destination(config: PrepareConfig) -> None:
+def _check_destination(config: PrepareConfig, dests: list[str]) -> None:
+    """DEST must be empty, or replaced (``--overwrite``): then every dataset about to be
+    written is unmarked first, so that a failure below cannot leave an old one "complete"."""
     if storage.is_s3(config.dest):
         storage.check_bucket(config.dest)
         bucket, prefix = storage.split_s3(config.dest)
@@ -210,59 +228,112 @@ def _check_destination(config: PrepareConfig) -> None:
     if occupied and not config.overwrite:
         raise UsageError(f"DEST {config.dest} is not empty; choose a new folder or prefix, or "
                          "pass --overwrite to replace what is there")
-    if occupied:  # unmark the old dataset first: a failure below must not leave it "complete"
-        storage.delete(storage.join(config.dest, INDEX_FILE))
+    if occupied:
+        for dest in dests:
+            storage.delete(storage.join(dest, INDEX_FILE))
 
 
 def prepare_mds(config: PrepareConfig, progress: bool = True) -> DatasetIndex:
-    """Write the dataset of ``config``; return its index (also written to DEST)."""
+    """Write the dataset of ``config`` to DEST; return its index (also written to DEST)."""
+    (index,) = _prepare(config, [(config.dest, describe_source(config.src))], lambda text: 0,
+                        progress)
+    return index
+
+
+def prepare_split(config: PrepareConfig, validation_fraction: float,
+                  progress: bool = True) -> dict[str, DatasetIndex]:
+    """Write SRC's documents to ``DEST/train`` and ``DEST/validation``, holding out
+    ``validation_fraction`` of them (see the module docstring); URI -> index of each."""
+    if not 0 < validation_fraction < 1:
+        raise UsageError(f"--validation-fraction {validation_fraction} must lie between 0 and 1 "
+                         "(e.g. 0.01 holds out about 1% of the documents)")
+    source = describe_source(config.src)
+    outputs = [(storage.join(config.dest, split),
+                f"{source}, {split} split at validation fraction {validation_fraction}")
+               for split in (TRAIN_SPLIT, VALIDATION_SPLIT)]
+    indexes = _prepare(config, outputs, lambda text: int(held_out(text, validation_fraction)),
+                       progress)
+    return {dest: index for (dest, _), index in zip(outputs, indexes, strict=True)}
+
+
+@dataclass
+class _Output:
+    """One dataset being written, and what went into it so far."""
+
+    dest: str
+    source: str
+    writer: Any  # streaming.MDSWriter
+    packer: SamplePacker
+    texts: list[str] = field(default_factory=list)
+    documents: int = 0
+    tokens: int = 0
+    samples: int = 0
+
+    def add(self, text: str, tokenizer: TokenizerFile) -> None:
+        self.texts.append(text)
+        if len(self.texts) == ENCODE_BATCH:
+            self.flush(tokenizer)
+
+    def flush(self, tokenizer: TokenizerFile) -> None:
+        d, t, s = _write_batch(self.writer, self.packer, tokenizer, self.texts)
+        self.documents, self.tokens, self.samples = self.documents + d, self.tokens + t, self.samples + s
+        self.texts = []
+
+
+def _prepare(config: PrepareConfig, outputs: list[tuple[str, str]], route: Route,
+             progress: bool) -> list[DatasetIndex]:
+    """Write every document of SRC to the output ``route`` picks; ``outputs`` are
+    (DEST, the source label of its index). Returns the indexes, in the outputs' order."""
     if config.seq_len < 8:
         raise UsageError(f"--seq-len {config.seq_len} is too short; use at least 8")
     source_bytes = source_size(config.src)  # validates SRC before anything is written
-    _check_destination(config)
+    _check_destination(config, [dest for dest, _ in outputs])
     streaming = import_streaming()
     with tempfile.TemporaryDirectory(prefix="fljob-prepare-") as tmp:
-        tokenizer = load_or_train_tokenizer(config, Path(tmp))
+        tokenizer = load_or_train_tokenizer(config, Path(tmp), route)
         assert tokenizer.eos_id is not None  # TokenizerFile refuses tokenizers without one
         vocab = tokenizer.get_vocab_size()
         dtype = token_dtype(vocab)
-        packer = SamplePacker(config.seq_len, tokenizer.eos_id, dtype)
-        writer = streaming.MDSWriter(
-            out=config.dest, columns={TOKENS_COLUMN: f"ndarray:{dtype.name}:{config.seq_len + 1}"},
+        written = [_Output(dest, source, streaming.MDSWriter(
+            out=dest, columns={TOKENS_COLUMN: f"ndarray:{dtype.name}:{config.seq_len + 1}"},
             compression=config.compression or None, hashes=["xxh64"],
-            size_limit=config.shard_size, exist_ok=config.overwrite)
-        documents = tokens = samples = 0
+            size_limit=config.shard_size, exist_ok=config.overwrite),
+            SamplePacker(config.seq_len, tokenizer.eos_id, dtype)) for dest, source in outputs]
         try:
             with tqdm(total=source_bytes, unit="B", unit_scale=True, disable=not progress,
                       desc=f"prepare {config.dest}") as bar:
-                batch: list[str] = []
                 for text, size in iter_documents(config.src, config.text_field):
-                    batch.append(text)
+                    written[route(text)].add(text, tokenizer)
                     bar.update(size)
-                    if len(batch) == ENCODE_BATCH:
-                        d, t, s = _write_batch(writer, packer, tokenizer, batch)
-                        documents, tokens, samples = documents + d, tokens + t, samples + s
-                        batch = []
-                d, t, s = _write_batch(writer, packer, tokenizer, batch)
-                documents, tokens, samples = documents + d, tokens + t, samples + s
-            if samples == 0:
-                raise UsageError(f"{config.src} holds {tokens} tokens, not enough for one sample "
-                                 f"of {config.seq_len + 1}; add text or lower --seq-len")
+                for out in written:
+                    out.flush(tokenizer)
+            for out in written:
+                if out.samples == 0:
+                    what = config.src if len(written) == 1 else f"{out.dest} (of {config.src})"
+                    raise UsageError(
+                        f"{what} holds {out.tokens} tokens, not enough for one sample of "
+                        f"{config.seq_len + 1}; add text or lower --seq-len"
+                        + ("" if len(written) == 1 else ", or change --validation-fraction"))
         except BaseException:
-            writer.cancel_future_jobs()
-            if writer.remote:  # the staging folder of an upload
-                shutil.rmtree(writer.local, ignore_errors=True)
+            for out in written:
+                out.writer.cancel_future_jobs()
+                if out.writer.remote:  # the staging folder of an upload
+                    shutil.rmtree(out.writer.local, ignore_errors=True)
             raise
-        writer.finish()  # shards, then MDS's index.json
-        index = DatasetIndex(
-            format=INDEX_FORMAT, documents=documents, tokens=tokens, samples=samples,
-            seq_len=config.seq_len, dropped_tokens=max(len(packer.pending) - 1, 0),
-            dtype=dtype.name, vocab_size=vocab, eos_id=tokenizer.eos_id,
-            tokenizer_sha256=hashlib.sha256(tokenizer.path.read_bytes()).hexdigest(),
-            source=describe_source(config.src))
-        storage.write_bytes(storage.join(config.dest, TOKENIZER_FILE), tokenizer.path.read_bytes())
-    storage.write_bytes(storage.join(config.dest, INDEX_FILE), index.to_json())  # the marker
-    return index
+        indexes = []
+        for out in written:
+            out.writer.finish()  # shards, then MDS's index.json
+            indexes.append(DatasetIndex(
+                format=INDEX_FORMAT, documents=out.documents, tokens=out.tokens,
+                samples=out.samples, seq_len=config.seq_len,
+                dropped_tokens=max(len(out.packer.pending) - 1, 0), dtype=dtype.name,
+                vocab_size=vocab, eos_id=tokenizer.eos_id,
+                tokenizer_sha256=hashlib.sha256(tokenizer.path.read_bytes()).hexdigest(),
+                source=out.source))
+            storage.write_bytes(storage.join(out.dest, TOKENIZER_FILE), tokenizer.path.read_bytes())
+    for out, index in zip(written, indexes, strict=True):
+        storage.write_bytes(storage.join(out.dest, INDEX_FILE), index.to_json())  # the marker
+    return indexes
 
 
 def _write_batch(writer, packer: SamplePacker, tokenizer: TokenizerFile,

@@ -77,11 +77,17 @@ class StreamingTokenLoader(BaseDataLoader):
         self.loader = streaming.StreamingDataLoader(
             self.dataset, batch_size=batch_size, collate_fn=stack_tokens, drop_last=True,
             num_workers=num_workers, persistent_workers=num_workers > 0)
-        if self.dataset.epoch_size < batch_size * dp_world:
+        self.step_samples = batch_size * dp_world
+        if self.dataset.epoch_size < self.step_samples:
             raise ValueError(
                 f"the streams hold {self.dataset.epoch_size} samples per epoch, fewer than one "
                 f"step needs ({dp_world} data-parallel ranks x batch {batch_size}); prepare "
                 "more data or use a smaller batch")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank gets from one epoch before streaming pads it with repeats."""
+        return self.dataset.epoch_size // self.step_samples
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         while True:  # one pass of the inner loader is one epoch
