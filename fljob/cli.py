@@ -181,27 +181,37 @@ def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:
 MUP_COORD_CHECK_EPILOG = """\
 what it does: builds the spec's model (default: the tiny flavor) at every --widths, in muP
 and in the standard parametrisation (SP, model.mup: false), with the same base learning rate;
-trains each --steps steps of the spec's optimizer on the bundled text; and records, in every
-forward pass, the mean |activation| of the token embedding, each block's attention output,
-FFN output and block output (residual stream), the final norm, and the logits.
+trains each --steps steps of the spec's optimizer on the bundled text, once per seed; and
+records, in every forward pass, the mean |activation| of the token embedding, each block's
+attention output, FFN output and block output (residual stream), the final norm, and the
+logits, averaged over the seeds.
+
+the verdict: for each layer kind, the log-log slope of mean |activation| against width after
+the last step (0 = flat, 1 = proportional to width). muP passes when every kind is flat,
+|slope| <= --max-mup-slope; as a control, SP's attention and FFN outputs must rise,
+slope >= --min-sp-slope (if they do not, the run was too short to show a muP error either,
+and the verdict is an inconclusive FAIL). Exit 0 on PASS, 1 on FAIL: usable in CI and
+before a sweep. The verdict uses every --widths; keep them >= 128, where the asymptotics
+hold: at 64 the incoherent part of the first Adam updates (a term that fades like
+1/sqrt(width)) still lifts the narrowest model's attention/FFN outputs (slope about -0.2
+over 64..512), a finite-width effect, not a muP error. Measured slopes and the reasoning
+behind the defaults are in fljob/trainer/model/MUP.md.
 
 how to read the plot: top row muP, bottom row SP; one column per layer (block layers averaged
 over blocks); x = width, y = mean |activation|, both log2; one line per step (dark = init,
-bright = last step). muP works when the lines are flat: a layer's activations have the same
-size at every width, so hyperparameters tuned at the base width carry over. In SP the
-attention/FFN outputs and the logits rise with width, more with every step, because each
-update adds lr x width to them. Each panel's "slope" is the log-log slope after the last
-step: 0 is flat, 1 is proportional to width. A slope that grows with every step is a muP
-bug. Expected under muP: the logits start lower the wider the model (slope -0.5 at init, the
-1/m logit multiplier) and level out after a few steps; the narrowest widths (64) can sit a
-little higher on attention/FFN outputs (part of the first Adam updates is incoherent, a term
-that fades like 1/sqrt(width)). The numbers behind the plot go to a .json beside the PNG.
-Runs on the CPU: the default sweep takes a few minutes on 2 cores.
+bright = last step); each panel's title has the slope and its PASS/FAIL. muP works when the
+lines are flat: a layer's activations have the same size at every width, so hyperparameters
+tuned at the base width carry over; a slope that grows with every step is a muP bug. In SP
+the attention/FFN outputs and the logits rise with width, more with every step, because each
+update adds lr x width to them. Expected under muP: the logits start lower the wider the
+model (slope -0.5 at init, the 1/m logit multiplier) and level out after a few steps. The
+numbers and the verdict go to a .json beside the PNG. Runs on the CPU: the default sweep
+(3 seeds) takes about two minutes on 2 cores.
 
 examples:
-  fljob mup coord-check                                   tiny flavor, widths 64..1024
+  fljob mup coord-check                                   tiny flavor, widths 128..1024
   fljob mup coord-check --spec configs/local.yaml --optimizer adopt -o adopt.png
-  fljob mup coord-check --widths 128,256,512 --steps 10
+  fljob mup coord-check --spec base.yaml --widths 256,512,1024 --seeds 5   # head_dim 64
 """
 
 
@@ -229,14 +239,33 @@ def _add_mup_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spec", type=Path,
                    help="job spec whose model (flavor, muP settings) and optimizer to use "
                         "(default: the tiny flavor, AdamW, lr 3e-3)")
-    p.add_argument("--widths", type=_widths, default=(64, 128, 256, 512, 1024),
-                   help="comma-separated model widths; multiples of the flavor's head_dim "
-                        "(default: 64,128,256,512,1024)")
+    p.add_argument("--widths", type=_widths, default=(128, 256, 512, 1024),
+                   help="comma-separated model widths; multiples of the flavor's head_dim, "
+                        "128 or more for a meaningful verdict (default: 128,256,512,1024)")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per width (default: 5)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="runs per width (seeds 0..N-1: init and batches), scales averaged before "
+                        "the slopes are fitted; one run's slope wanders by up to 0.4 "
+                        "(default: 3)")
+    p.add_argument("--max-mup-slope", type=float, default=0.15,
+                   help="muP passes when every layer kind's |slope| is at most this. 0.15 is a "
+                        "1.23x change of scale over a 4x wider model; the real muP measured "
+                        "within 0.09 at widths 128..1024, and 0.7 to 1.2 when one muP rule is "
+                        "switched off (default: 0.15)")
+    p.add_argument("--min-sp-slope", type=float, default=1.2,
+                   help="the control: SP's attention and FFN outputs must reach this slope. "
+                        "SP's attention output has slope 1 at init (two matrices of "
+                        "width-independent std) and each update adds lr x width to it: 1.3 to "
+                        "1.7 measured after 2 to 5 steps. Below 1.2 the updates have not shown "
+                        "yet, so a muP error in a learning rate could not show either "
+                        "(default: 1.2)")
+    p.add_argument("--vocab-size", type=int,
+                   help="BPE vocabulary of the check (default: the flavor's); smaller is faster")
     p.add_argument("--optimizer", choices=OPTIMIZER_NAMES,
                    help="optimizer (default: the spec's)")
     p.add_argument("-o", "--output", type=Path, default=Path("coord_check.png"),
-                   help="PNG to write; the raw numbers go beside it as .json (default: coord_check.png)")
+                   help="PNG to write; the raw numbers and the verdict go beside it as .json "
+                        "(default: coord_check.png)")
 
 
 DATA_PREPARE_EPILOG = """\
@@ -572,31 +601,44 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_mup(args: argparse.Namespace) -> int:
-    """`fljob mup coord-check`: the sweep, the PNG + JSON, and the slope table."""
+    """`fljob mup coord-check`: the sweep, the PNG + JSON, and the verdict (exit 1 on FAIL)."""
     from fljob.spec import JobSpec
 
     spec = _load(argparse.Namespace(spec=args.spec, overrides=[], site=None)) if args.spec \
         else JobSpec(name="coord-check")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    # 257: the byte-level BPE's 256 bytes and its end-of-text token.
+    for option, value, least in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1),
+                                 ("--vocab-size", args.vocab_size, 257)):
+        if value is not None and value < least:
+            raise UsageError(f"{option} must be at least {least}, got {value}")
+    for option, value in (("--max-mup-slope", args.max_mup_slope),
+                          ("--min-sp-slope", args.min_sp_slope)):
+        if not value > 0:
+            raise UsageError(f"{option} must be positive, got {value}")
+    from fljob.exitcodes import FAILED, OK
     from fljob.trainer.coord_check import (
+        Bounds,
         CoordCheckConfig,
         run_coord_check,
-        slope_table,
         sweep_args,
+        verdict,
+        verdict_report,
         write_outputs,
     )
 
-    config = CoordCheckConfig(widths=args.widths, steps=args.steps, optimizer=args.optimizer)
+    config = CoordCheckConfig(widths=args.widths, steps=args.steps, optimizer=args.optimizer,
+                              vocab_size=args.vocab_size, seeds=args.seeds)
     try:
         sweep_args(spec, config)
     except ValueError as exc:  # a width the flavor's heads cannot make
         raise UsageError(f"--widths: {exc}") from None
     result = run_coord_check(spec, config)
-    for path in write_outputs(result, args.output):
+    checks = verdict(result, Bounds(max_mup_slope=args.max_mup_slope,
+                                    min_sp_slope=args.min_sp_slope))
+    for path in write_outputs(result, checks, args.output):
         print(path)
-    print(slope_table(result))
-    return 0
+    print(verdict_report(result, checks))
+    return OK if all(c.passed for c in checks) else FAILED
 
 
 def _hf_storage(spec, args: argparse.Namespace):

@@ -12,7 +12,14 @@ hidden and output activations, which grow with width, the faster the longer it t
 Plain PyTorch on one process: the model of :mod:`fljob.trainer.model`, its muP parameter
 groups and the spec's optimizer, trained on the bundled text (tokenised by a small BPE).
 Only the width changes between runs: ``head_dim`` and the query/KV head ratio stay those of
-the spec's flavor (the head count grows), depth and ``base_dim`` stay fixed.
+the spec's flavor (the head count grows), depth and ``base_dim`` stay fixed. Every width
+runs with several seeds (init and batches) and the scales are averaged over them, because
+one run's slope wanders by up to 0.4 at three widths.
+
+The verdict (:func:`verdict`) bounds the log-log slopes after the last step: every muP
+layer kind flat within ``max_mup_slope``, and SP's attention and FFN outputs rising with a
+slope of at least ``min_sp_slope`` (the control: a run in which SP does not grow could not
+show a muP error either). MUP.md, "Coordinate checks", has the numbers behind the defaults.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from torch import nn
 
 from fljob.spec.models import JobSpec
 from fljob.trainer.model.args import ModelArgs
-from fljob.trainer.model.flavors import args_for_spec, flavor_name, get_flavor
+from fljob.trainer.model.flavors import args_for_spec, flavor_name, get_flavor, with_shape
 from fljob.trainer.model.model import MuPTransformer, TransformerBlock
 from fljob.trainer.model.mup import mup_param_groups
 from fljob.trainer.optim.builder import QUASI_HYPERBOLIC, WEIGHT_DECAY_MODES, build_optimizer
@@ -48,6 +55,12 @@ TITLES = {"mup": "muP", "sp": "standard parametrisation (SP)"}
 # Plot columns. Block layers ("block<i>.<kind>") are averaged over blocks in the plot;
 # the JSON keeps every layer.
 PLOT_KINDS = ("embedding", "attention", "ffn", "residual", "final_norm", "logits")
+# The SP control: layer kinds whose slope SP's updates raise steadily (each adds lr x width
+# to them). The embedding, residual stream and final norm sit behind norms in both
+# parametrisations; SP's logits grow too, but at lr 3e-3 the widest SP models overshoot
+# (mean |logit| 1.8, 1.9, 0.7, 3.6 over steps 2..5 at width 1024), so their slope is no
+# steady control.
+SP_CONTROL_KINDS = ("attention", "ffn")
 KIND_TITLES = {"embedding": "token embedding", "attention": "attention output",
                "ffn": "FFN output", "residual": "block output (residual stream)",
                "final_norm": "final norm", "logits": "logits"}
@@ -57,19 +70,45 @@ KIND_TITLES = {"embedding": "token embedding", "attention": "attention output",
 class CoordCheckConfig:
     """What to sweep and how to train at each width (the spec supplies the rest)."""
 
-    widths: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    widths: tuple[int, ...] = (128, 256, 512, 1024)
     steps: int = 5
     optimizer: str | None = None  # None: the spec's
     batch_size: int = 4
     seq_len: int = 64
     vocab_size: int | None = None  # None: the flavor's
-    seed: int = 0
+    seeds: int = 3  # runs per width, seeds 0 .. seeds-1; the scales are averaged over them
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Verdict thresholds on the log-log slope after the last step (see ``verdict``)."""
+
+    max_mup_slope: float = 0.15
+    min_sp_slope: float = 1.2
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the verdict: a layer kind's slope in one parametrisation, and its bound
+    (muP: |slope| <= bound; SP: slope >= bound)."""
+
+    parametrisation: str
+    kind: str
+    slope: float
+    bound: float
+
+    @property
+    def passed(self) -> bool:
+        if self.parametrisation == "mup":
+            return abs(self.slope) <= self.bound
+        return self.slope >= self.bound
 
 
 @dataclass
 class CoordCheckResult:
     """``scales[parametrisation][layer][t][i]``: mean |activation| of ``layer`` at
-    ``widths[i]`` in the forward pass after ``t`` optimizer steps (``t = 0`` is the init)."""
+    ``widths[i]`` in the forward pass after ``t`` optimizer steps (``t = 0`` is the init),
+    averaged over the seeds."""
 
     config: dict[str, Any]
     widths: list[int]
@@ -84,13 +123,21 @@ class CoordCheckResult:
     def kind_scales(self, parametrisation: str, kind: str) -> list[list[float]]:
         """[t][i] for one plot column: the layer itself, or the mean over blocks."""
         members = [name for name in self.layers if layer_kind(name) == kind]
-        rows = [self.scales[parametrisation][name] for name in members]
-        return [[sum(r[t][i] for r in rows) / len(rows) for i in range(len(self.widths))]
-                for t in range(len(rows[0]))]
+        return mean_rows([self.scales[parametrisation][name] for name in members])
+
+    def kind_slope(self, parametrisation: str, kind: str, t: int = -1) -> float:
+        """``slope`` of one plot column (block layers averaged over blocks)."""
+        return loglog_slope(self.widths, self.kind_scales(parametrisation, kind)[t])
 
     def to_json(self) -> dict[str, Any]:
         last = {p: {layer: self.slope(p, layer) for layer in self.layers} for p in self.scales}
         return {**dataclasses.asdict(self), "slope_at_last_step": last}
+
+
+def mean_rows(tables: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
+    """Element-wise mean of equally shaped [t][i] tables."""
+    return [[sum(col) / len(col) for col in zip(*rows, strict=True)]
+            for rows in zip(*tables, strict=True)]
 
 
 def loglog_slope(widths: Sequence[float], values: Sequence[float]) -> float:
@@ -107,21 +154,14 @@ def layer_kind(name: str) -> str:
 
 
 def args_at_width(base: ModelArgs, width: int, *, mup: bool) -> ModelArgs:
-    """``base`` at another width: same head_dim, head ratio, depth and muP base shape."""
-    head_dim = base.head_dim
-    if width % head_dim:
-        raise ValueError(f"width {width} is not a multiple of the flavor's head_dim {head_dim}")
-    n_heads = width // head_dim
-    kv_heads = n_heads * base.kv_heads // base.n_heads
-    if kv_heads * base.n_heads != n_heads * base.kv_heads:
-        raise ValueError(f"width {width} gives {n_heads} heads, which do not keep the flavor's "
-                         f"{base.n_heads}:{base.kv_heads} query:KV head ratio")
-    # FFN width rounded to a multiple of 8, not the flavor's 64 or 256: coarse rounding would
-    # give narrow models a relatively wider FFN (ratio 3 at 64, 2.69 at 1024 with 64), a
-    # width effect that is not the parametrisation's.
-    return dataclasses.replace(base, dim=width, n_heads=n_heads,
-                               n_kv_heads=None if kv_heads == n_heads else kv_heads,
-                               ffn_multiple_of=FFN_MULTIPLE_OF, mup_enabled=mup)
+    """``base`` at another width (``flavors.with_shape``: same head_dim, head ratio, depth
+    and muP base shape); ValueError for a width the heads cannot make."""
+    # FFN width rounded to a multiple of 8, not the flavor's 64 or 256: coarse rounding
+    # gives narrow models a relatively wider FFN (ratio 4 at 128, 3 at 256 with 256). muP
+    # scales w2 by its own fan-in ratio, so its output stays flat either way, but a wider
+    # FFN is a bigger model, a width effect that is not the parametrisation's.
+    return dataclasses.replace(with_shape(base, width=width), ffn_multiple_of=FFN_MULTIPLE_OF,
+                               mup_enabled=mup)
 
 
 def watched_modules(model: MuPTransformer) -> dict[str, nn.Module]:
@@ -224,33 +264,86 @@ def sweep_args(spec: JobSpec, config: CoordCheckConfig) -> dict[tuple[str, int],
 
 def run_coord_check(spec: JobSpec, config: CoordCheckConfig,
                     progress: bool = True) -> CoordCheckResult:
-    """Train every (parametrisation, width) pair ``config.steps`` steps and collect scales."""
+    """Train every (parametrisation, width) pair ``config.steps`` steps with every seed and
+    collect the scales, averaged over the seeds."""
     from tqdm import tqdm
 
     runs = sweep_args(spec, config)
     base = next(iter(runs.values()))
     optimizer = config.optimizer or spec.optimizer.name
-    batches = token_windows(bundled_tokens(base.vocab_size), config.batch_size, config.seq_len,
-                            config.steps + 1, config.seed)
-    scales: dict[str, dict[str, list[list[float]]]] = {}
+    tokens = bundled_tokens(base.vocab_size)
+    per_seed: list[dict[str, dict[str, list[list[float]]]]] = []
     layers: list[str] = []
-    for (parametrisation, _), args in tqdm(runs.items(), desc="coord-check", unit="run",
-                                           disable=not progress):
-        history = train_and_record(args, spec, optimizer, batches, config.seed)
-        layers = list(history[0])
-        by_layer = scales.setdefault(parametrisation, {name: [[] for _ in history] for name in layers})
-        for t, step_scales in enumerate(history):
-            for name, value in step_scales.items():
-                by_layer[name][t].append(value)
+    with tqdm(total=len(runs) * config.seeds, desc="coord-check", unit="run",
+              disable=not progress) as bar:
+        for seed in range(config.seeds):
+            batches = token_windows(tokens, config.batch_size, config.seq_len, config.steps + 1,
+                                    seed)
+            scales: dict[str, dict[str, list[list[float]]]] = {}
+            for (parametrisation, _), args in runs.items():
+                history = train_and_record(args, spec, optimizer, batches, seed)
+                layers = list(history[0])
+                by_layer = scales.setdefault(parametrisation,
+                                             {name: [[] for _ in history] for name in layers})
+                for t, step_scales in enumerate(history):
+                    for name, value in step_scales.items():
+                        by_layer[name][t].append(value)
+                bar.update()
+            per_seed.append(scales)
+    averaged = {p: {name: mean_rows([s[p][name] for s in per_seed]) for name in layers}
+                for p in PARAMETRISATIONS}
     described = {**dataclasses.asdict(config), "optimizer": optimizer, "lr": spec.optimizer.lr,
                  "flavor": flavor_name(spec), "head_dim": base.head_dim,
                  "n_layers": base.n_layers, "base_dim": base.base_dim,
                  "vocab_size": base.vocab_size}
-    return CoordCheckResult(described, list(config.widths), layers, scales)
+    return CoordCheckResult(described, list(config.widths), layers, averaged)
 
 
-def plot(result: CoordCheckResult, path: Path) -> None:
-    """One row per parametrisation, one column per layer kind, one line per step.
+def verdict(result: CoordCheckResult, bounds: Bounds) -> list[Check]:
+    """Every muP layer kind must be flat, and SP's growing kinds must grow (the control:
+    without it a flat muP line could mean a check too short to see anything)."""
+    return ([Check("mup", kind, result.kind_slope("mup", kind), bounds.max_mup_slope)
+             for kind in PLOT_KINDS]
+            + [Check("sp", kind, result.kind_slope("sp", kind), bounds.min_sp_slope)
+               for kind in SP_CONTROL_KINDS])
+
+
+def verdict_report(result: CoordCheckResult, checks: Sequence[Check]) -> str:
+    """The slope table with bounds and PASS/FAIL per layer kind, and a closing line."""
+    by_key = {(c.parametrisation, c.kind): c for c in checks}
+    cfg = result.config
+    seeds = f"{cfg['seeds']} seed{'s' if cfg['seeds'] > 1 else ''}"
+    lines = [(f"verdict at widths {','.join(map(str, result.widths))}: log-log slope of mean "
+              f"|activation| against width after {cfg['steps']} steps, averaged over {seeds} "
+              f"(0 = flat, 1 = grows like the width)"),
+             f"{'layer':<32} {'muP slope':>9}  {'bound':<14} {'SP slope':>8}  bound"]
+    for kind in PLOT_KINDS:
+        cells = []
+        for p, relation in (("mup", "|s|<="), ("sp", "s>=")):
+            check = by_key.get((p, kind))
+            judged = f"{relation}{check.bound:.2f} {'PASS' if check.passed else 'FAIL'}" \
+                if check else ""
+            cells.append(f"{result.kind_slope(p, kind):>+9.2f}  {judged:<14}")
+        lines.append(f"{KIND_TITLES[kind]:<32} {cells[0]}{cells[1]}".rstrip())
+    mup_failed = [c for c in checks if c.parametrisation == "mup" and not c.passed]
+    sp_failed = [c for c in checks if c.parametrisation == "sp" and not c.passed]
+    if mup_failed:
+        named = ", ".join(f"{KIND_TITLES[c.kind]} {c.slope:+.2f}" for c in mup_failed)
+        lines.append(f"FAIL: under muP these activations change with width beyond "
+                     f"|slope| {mup_failed[0].bound:.2f}: {named}")
+    if sp_failed:
+        named = ", ".join(f"{KIND_TITLES[c.kind]} {c.slope:+.2f}" for c in sp_failed)
+        lines.append(f"FAIL (inconclusive): SP did not grow with width (slope below "
+                     f"{sp_failed[0].bound:.2f}: {named}), so this run could not have shown a "
+                     f"muP error either; train more --steps or with a larger lr")
+    if not mup_failed and not sp_failed:
+        lines.append("PASS: muP activations are flat across width and SP's grow")
+    return "\n".join(lines)
+
+
+def plot(result: CoordCheckResult, checks: Sequence[Check], path: Path) -> None:
+    """One row per parametrisation, one column per layer kind, one line per step; each
+    panel's title has the slope after the last step and its verdict.
 
     Rows share each column's y-axis, and every column spans at least ``MIN_OCTAVES``, so
     a flat line looks flat and muP and SP are read on the same scale.
@@ -260,6 +353,7 @@ def plot(result: CoordCheckResult, path: Path) -> None:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
+    by_key = {(c.parametrisation, c.kind): c for c in checks}
     steps = len(next(iter(result.scales["mup"].values())))
     colors = plt.get_cmap("viridis")(torch.linspace(0, 0.9, steps).tolist())
     fig, axes = plt.subplots(len(PARAMETRISATIONS), len(PLOT_KINDS), sharex=True, sharey="col",
@@ -275,10 +369,12 @@ def plot(result: CoordCheckResult, path: Path) -> None:
                         label="init" if t == 0 else f"after {t} step{'s' if t > 1 else ''}")
                 octaves += [math.log2(v) for v in values]
             slope = loglog_slope(result.widths, per_step[-1])
+            check = by_key.get((parametrisation, kind))
+            mark = "" if check is None else "  PASS" if check.passed else "  FAIL"
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
             ax.set_xticks(result.widths, [str(w) for w in result.widths])
-            ax.set_title(f"{KIND_TITLES[kind]}\nslope {slope:+.2f}", fontsize=9)
+            ax.set_title(f"{KIND_TITLES[kind]}\nslope {slope:+.2f}{mark}", fontsize=9)
             ax.tick_params(labelsize=7)
             ax.grid(True, which="major", alpha=0.3)
             if col == 0:
@@ -294,8 +390,9 @@ def plot(result: CoordCheckResult, path: Path) -> None:
     fig.suptitle(
         f"muP coordinate check: flavor {cfg['flavor']} ({cfg['n_layers']} layers, head_dim "
         f"{cfg['head_dim']}, base width {cfg['base_dim']}), {cfg['optimizer']} lr {cfg['lr']:g}, "
-        f"{cfg['steps']} steps. Flat lines: width-independent activations (muP's promise); "
-        f"slope = log-log slope after the last step; block layers averaged over blocks",
+        f"{cfg['steps']} steps, mean of {cfg['seeds']} seeds. Flat lines: width-independent "
+        f"activations (muP's promise); slope = log-log slope after the last step; block layers "
+        f"averaged over blocks",
         fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,19 +400,13 @@ def plot(result: CoordCheckResult, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: CoordCheckResult, png: Path) -> tuple[Path, Path]:
-    """The plot at ``png`` and the raw numbers beside it (same name, ``.json``)."""
-    plot(result, png)
+def write_outputs(result: CoordCheckResult, checks: Sequence[Check],
+                  png: Path) -> tuple[Path, Path]:
+    """The plot at ``png`` and the raw numbers and the verdict beside it (``.json``)."""
+    plot(result, checks, png)
     raw = png.with_suffix(".json")
-    raw.write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    rows = [{**dataclasses.asdict(c), "passed": c.passed} for c in checks]
+    data = {**result.to_json(), "verdict": {"passed": all(c.passed for c in checks),
+                                            "checks": rows}}
+    raw.write_text(json.dumps(data, indent=1) + "\n")
     return png, raw
-
-
-def slope_table(result: CoordCheckResult) -> str:
-    """Log-log slope after the last step, per plot column, muP beside SP."""
-    lines = [f"{'layer':<32} {'muP slope':>10} {'SP slope':>10}"]
-    for kind in PLOT_KINDS:
-        slopes = [loglog_slope(result.widths, result.kind_scales(p, kind)[-1])
-                  for p in PARAMETRISATIONS]
-        lines.append(f"{KIND_TITLES[kind]:<32} {slopes[0]:>+10.2f} {slopes[1]:>+10.2f}")
-    return "\n".join(lines)

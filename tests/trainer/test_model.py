@@ -22,6 +22,7 @@ from fljob.trainer.model.flavors import (
     TINY_FLAVOR,
     format_param_count,
     get_flavor,
+    with_shape,
 )
 from fljob.trainer.model.model import MuPTransformer
 from fljob.trainer.model.mup import (
@@ -33,6 +34,7 @@ from fljob.trainer.model.mup import (
 
 HIDDEN_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight",
                    "w1.weight", "w2.weight", "w3.weight")
+RESIDUAL_FAN_IN_SUFFIXES = tuple(s for s in HIDDEN_SUFFIXES if s != "w2.weight")
 
 
 def small_args(**overrides: object) -> ModelArgs:
@@ -179,16 +181,22 @@ def test_args_and_flavors_import_without_torch() -> None:
 @pytest.mark.parametrize("mup", [True, False])
 def test_init_stds(mup: bool) -> None:
     # m = 4: hidden std 0.02/2 under muP, 0.02 under SP; embedding/output width-free.
+    # w2 reads the FFN width, 768 here against 256 at the base (8/3 * 64 rounded up to
+    # 256): m_ffn = 3, so its std is 0.02/sqrt(3).
     args = ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=4096, base_dim=64,
                      use_embedding_norm=True, use_peri_norm=True, mup_enabled=mup,
                      init_std=0.02, emb_init_std=0.05)
+    assert (args.width_mult, args.ffn_width_mult) == (4.0, 3.0)
     model = build(args)
     expected_hidden = 0.01 if mup else 0.02
+    expected_w2 = 0.02 / math.sqrt(3) if mup else 0.02
     assert math.isclose(args.hidden_init_std, expected_hidden)
+    assert math.isclose(args.ffn_out_init_std, expected_w2)
     for name, p in model.named_parameters():
         if name.endswith(HIDDEN_SUFFIXES):
-            assert p.std().item() == pytest.approx(expected_hidden, rel=0.05), name
-            assert abs(p.mean().item()) < 0.1 * expected_hidden, name
+            expected = expected_w2 if name.endswith("w2.weight") else expected_hidden
+            assert p.std().item() == pytest.approx(expected, rel=0.02), name
+            assert abs(p.mean().item()) < 0.1 * expected, name
         elif name.endswith("norm.weight"):
             assert torch.equal(p, torch.ones_like(p)), name
     assert model.tok_embeddings.weight.std().item() == pytest.approx(0.05, rel=0.02)
@@ -287,38 +295,43 @@ def test_param_group_membership() -> None:
     assert ids["embedding"] == {id(model.tok_embeddings.weight)}
     assert ids["output"] == {id(model.output.weight)}
     assert ids["vector"] == {id(model.norm.weight), id(model.embedding_norm.weight)}
-    assert ids["hidden"] == {id(p) for n, p in named.items() if n.endswith(HIDDEN_SUFFIXES)}
-    assert len(ids["hidden"]) == 7 * args.n_layers
+    assert ids["hidden"] == {id(p) for n, p in named.items()
+                             if n.endswith(RESIDUAL_FAN_IN_SUFFIXES)}
+    assert len(ids["hidden"]) == 6 * args.n_layers
+    assert ids["hidden_ffn_out"] == {id(model.layers[str(i)].feed_forward.w2.weight)
+                                     for i in range(args.n_layers)}
     assert len(ids["hidden_vector"]) == 4 * args.n_layers
     assert sum(len(s) for s in ids.values()) == len(named)
 
 
 @pytest.mark.parametrize("mode", WEIGHT_DECAY_MODES)
 def test_param_group_multipliers(mode: str) -> None:
-    # m = 2, L = 2, alpha = 0.5.
+    # m = 2, L = 2, alpha = 0.5; FFN width 192 against 128 at the base: m_ffn = 1.5.
     args = small_args()
+    assert args.ffn_width_mult == 1.5
     lr, wd, eps = 1e-3, 0.1, 1e-8
     groups = groups_by_name(mup_param_groups(build(args), args, lr=lr, weight_decay=wd, eps=eps,
                                              weight_decay_mode=mode))
-    m, depth = 2.0, 2.0
-    hidden_lr, block_eps = lr * depth ** -0.5 / m, eps / (m * depth ** 0.5)
+    m, m_ffn, depth = 2.0, 1.5, 2.0
+    block_lr, block_eps = lr * depth ** -0.5, eps / (m * depth ** 0.5)
     expected = {
         "embedding": (lr, eps / m),
         "output": (lr, eps / m),
-        "hidden": (hidden_lr, block_eps),
-        "hidden_vector": (lr * depth ** -0.5, block_eps),
+        "hidden": (block_lr / m, block_eps),
+        "hidden_ffn_out": (block_lr / m_ffn, block_eps),
+        "hidden_vector": (block_lr, block_eps),
         "vector": (lr, eps / m),
     }
     for name, (e_lr, e_eps) in expected.items():
         assert (groups[name]["lr"], groups[name]["eps"]) == pytest.approx((e_lr, e_eps)), name
     assert groups["hidden_vector"]["weight_decay"] == groups["vector"]["weight_decay"] == 0.0
     # Each mode's per-step decay rate is the same for every decayed group (and = base).
-    decayed = [groups[n] for n in ("embedding", "output", "hidden")]
+    decayed = [groups[n] for n in ("embedding", "output", "hidden", "hidden_ffn_out")]
     rate = {"decoupled": lambda g: g["weight_decay"],
             "lr_coupled": lambda g: g["lr"] * g["weight_decay"],
             "l2": lambda g: g["lr"] * g["weight_decay"] / g["eps"]}[mode]
     base_rate = {"decoupled": wd, "lr_coupled": lr * wd, "l2": lr * wd / eps}[mode]
-    assert [rate(g) for g in decayed] == pytest.approx([base_rate] * 3)
+    assert [rate(g) for g in decayed] == pytest.approx([base_rate] * len(decayed))
     if mode == "lr_coupled":  # CompleteP's wd * m for hidden matrices (here with L^(1-a))
         assert groups["hidden"]["weight_decay"] == pytest.approx(wd * m * depth ** 0.5)
 
@@ -330,30 +343,79 @@ def test_param_groups_reject_unknown_weight_decay_mode() -> None:
                          weight_decay_mode="adamw")  # type: ignore[arg-type]
 
 
+def group_grad_rms(args: ModelArgs) -> dict[str, float]:
+    """Gradient RMS of every param group after one cross-entropy backward on fixed tokens."""
+    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(0))
+    model = build(args, seed=1)
+    logits = model(tokens[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    groups = mup_param_groups(model, args, lr=1.0, weight_decay=0.0, eps=1.0,
+                              weight_decay_mode="decoupled")
+    return {g["name"]: torch.cat([p.grad.flatten() for p in g["params"]]).pow(2).mean()
+            .sqrt().item() for g in groups}
+
+
+def grad_test_args(dim: int, **overrides: object) -> ModelArgs:
+    return small_args(dim=dim, n_heads=dim // 16, n_kv_heads=None, base_dim=64, base_depth=2,
+                      input_alpha=1.0, output_alpha=1.0, **overrides)
+
+
 @pytest.mark.parametrize("mup", [True, False])
 def test_gradient_entries_scale_as_one_over_width(mup: bool) -> None:
     # The premise of the eps rule: under muP the gradient RMS of every group falls as 1/m
-    # (the 1/m logit multiplier is on every backward path); under SP it does not.
-    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(0))
-
-    def grad_rms(dim: int) -> dict[str, float]:
-        args = small_args(dim=dim, n_heads=dim // 16, n_kv_heads=None, base_dim=64,
-                          base_depth=2, input_alpha=1.0, output_alpha=1.0, mup_enabled=mup)
-        model = build(args, seed=1)
-        logits = model(tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        groups = mup_param_groups(model, args, lr=1.0, weight_decay=0.0, eps=1.0,
-                                  weight_decay_mode="decoupled")
-        return {g["name"]: torch.cat([p.grad.flatten() for p in g["params"]]).pow(2).mean()
-                .sqrt().item() for g in groups}
-
-    narrow, wide = grad_rms(64), grad_rms(512)
+    # (the 1/m logit multiplier is on every backward path), and so does each group's eps;
+    # under SP it does not.
+    narrow_args, wide_args = grad_test_args(64, mup_enabled=mup), grad_test_args(512, mup_enabled=mup)
+    narrow, wide = group_grad_rms(narrow_args), group_grad_rms(wide_args)
+    eps_narrow = group_scales(narrow_args, weight_decay_mode="decoupled")
+    eps_wide = group_scales(wide_args, weight_decay_mode="decoupled")
     for name in GROUP_NAMES:
         ratio = wide[name] / narrow[name]
         if mup:
+            assert eps_wide[name].eps / eps_narrow[name].eps == pytest.approx(1 / 8), name
             assert ratio == pytest.approx(1 / 8, rel=0.15), name
         else:  # SP: hidden gradients fall as about 1/sqrt(m), the others not at all
             assert ratio > 2 / 8, name
+
+
+def test_ffn_output_gradient_follows_dim_not_ffn_width() -> None:
+    # w2's lr follows its fan-in (the FFN width) but its eps the dim ratio: its gradient is
+    # the FFN output's gradient (size 1/m) times a hidden activation (size 1). Widths 128
+    # -> 512 with FFN widths 512 -> 1536 (8/3 dim rounded up to 256): m grows 4x, m_ffn 3x.
+    narrow_args, wide_args = (grad_test_args(d, ffn_multiple_of=256) for d in (128, 512))
+    assert wide_args.ffn_width_mult / narrow_args.ffn_width_mult == 3.0
+    ratio = group_grad_rms(wide_args)["hidden_ffn_out"] / group_grad_rms(narrow_args)["hidden_ffn_out"]
+    assert ratio == pytest.approx(1 / 4, rel=0.08)  # measured 0.248 and 0.254 for two seeds
+    narrow, wide = (group_scales(a, weight_decay_mode="decoupled")["hidden_ffn_out"]
+                    for a in (narrow_args, wide_args))
+    assert (wide.eps / narrow.eps, wide.lr / narrow.lr) == pytest.approx((1 / 4, 1 / 3))
+
+
+@pytest.mark.parametrize("mup", [True, False])
+def test_ffn_output_matrix_follows_its_own_fan_in(mup: bool) -> None:
+    # The 7.61M base at widths 128 and 384: FFN widths 512 and 1024 (8/3 dim rounded up to
+    # 256) against 768 at the base width 256, so w2's fan-in ratio m_ffn is 2/3 and 4/3
+    # where m is 1/2 and 3/2. w2's init std and Adam lr follow m_ffn, the other hidden
+    # matrices m; in SP all are the base values.
+    lr, eps = 1e-3, 1e-8
+    for width, m, m_ffn in ((128, 0.5, 2 / 3), (384, 1.5, 4 / 3)):
+        args = with_shape(get_flavor("7.61M", vocab_size=256, mup_enabled=mup), width=width)
+        assert (args.width_mult, args.ffn_width_mult) == pytest.approx((m, m_ffn))
+        if not mup:
+            m = m_ffn = 1.0
+        model = build(args)
+        for name, p in model.named_parameters():
+            if name.endswith(HIDDEN_SUFFIXES):
+                fan_in_mult = m_ffn if name.endswith("w2.weight") else m
+                assert p.std().item() == pytest.approx(0.02 / math.sqrt(fan_in_mult),
+                                                       rel=0.03), (width, name)
+        groups = groups_by_name(mup_param_groups(model, args, lr=lr, weight_decay=0.1, eps=eps,
+                                                 weight_decay_mode="lr_coupled"))
+        assert groups["hidden_ffn_out"]["lr"] == pytest.approx(lr / m_ffn)
+        assert groups["hidden"]["lr"] == pytest.approx(lr / m)
+        assert groups["hidden_ffn_out"]["eps"] == groups["hidden"]["eps"] == pytest.approx(eps / m)
+        # lr-coupled decay: the same per-step decay rate as at the base shape.
+        assert groups["hidden_ffn_out"]["weight_decay"] == pytest.approx(0.1 * m_ffn)
 
 
 def test_param_groups_standard_parametrisation() -> None:
@@ -363,7 +425,8 @@ def test_param_groups_standard_parametrisation() -> None:
     assert {g["lr"] for g in groups} == {1e-3}
     assert {g["eps"] for g in groups} == {1e-8}
     assert {g["name"]: g["weight_decay"] for g in groups} == {
-        "embedding": 0.1, "output": 0.1, "hidden": 0.1, "hidden_vector": 0.0, "vector": 0.0}
+        "embedding": 0.1, "output": 0.1, "hidden": 0.1, "hidden_ffn_out": 0.1,
+        "hidden_vector": 0.0, "vector": 0.0}
 
 
 def test_group_scales_are_identity_at_base_shape() -> None:

@@ -96,21 +96,40 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
+        return self._ffn_width(self.dim)
+
+    @property
+    def base_ffn_hidden_dim(self) -> int:
+        """The FFN width of the base shape: the same rule applied at ``base_dim``."""
+        return self._ffn_width(self.base_dim)
+
+    def _ffn_width(self, dim: int) -> int:
         # round() first: 8/3 * 768 is 2047.9999999999998 in floating point.
-        raw = round(self.ffn_ratio * self.dim, 6)
+        raw = round(self.ffn_ratio * dim, 6)
         return self.ffn_multiple_of * math.ceil(raw / self.ffn_multiple_of)
 
-    # ---- muP multipliers (all 1 when mup_enabled is False) -----------------------------
+    # ---- width and depth ratios against the base shape ---------------------------------
+    # muP scales every hidden matrix by the ratio of its own fan-in to the base shape's
+    # (microsoft/mup's base shapes). wq wk wv w1 w3 read the residual stream (fan-in dim),
+    # and so does wo (n_heads * head_dim == dim); w2 reads the FFN hidden layer, whose
+    # width is rounded up to ffn_multiple_of and so does not grow exactly like dim.
     @property
     def width_mult(self) -> float:
-        """m = dim / base_dim: how much wider than the tuned base model this one is."""
+        """m = dim / base_dim: how much wider than the tuned base model this one is; the
+        fan-in ratio of every hidden matrix but w2."""
         return self.dim / self.base_dim
+
+    @property
+    def ffn_width_mult(self) -> float:
+        """m_ffn = ffn_hidden_dim / base_ffn_hidden_dim: the fan-in ratio of w2."""
+        return self.ffn_hidden_dim / self.base_ffn_hidden_dim
 
     @property
     def depth_mult(self) -> float:
         """L = n_layers / base_depth: how much deeper than the base model."""
         return self.n_layers / self.base_depth
 
+    # ---- muP multipliers (all 1 when mup_enabled is False) -----------------------------
     @property
     def _depth_scaled(self) -> bool:
         return self.mup_enabled and self.depth_scaling
@@ -136,8 +155,17 @@ class ModelArgs:
 
     @property
     def hidden_init_std(self) -> float:
-        """Std of every hidden matrix: init_std / sqrt(m) under muP (fan-in scaling)."""
-        return self.init_std / math.sqrt(self.width_mult) if self.mup_enabled else self.init_std
+        """Std of the hidden matrices that read the residual stream (wq wk wv wo w1 w3):
+        init_std / sqrt(m) under muP (fan-in scaling)."""
+        return self._fan_in_init_std(self.width_mult)
+
+    @property
+    def ffn_out_init_std(self) -> float:
+        """Std of w2, whose fan-in is the FFN width: init_std / sqrt(m_ffn) under muP."""
+        return self._fan_in_init_std(self.ffn_width_mult)
+
+    def _fan_in_init_std(self, fan_in_mult: float) -> float:
+        return self.init_std / math.sqrt(fan_in_mult) if self.mup_enabled else self.init_std
 
     @property
     def attn_scale(self) -> float:

@@ -110,12 +110,13 @@ class TransformerBlock(nn.Module):
             h = self.post_ffn_norm(h)
         return x + self.residual_mult * h
 
-    def init_weights(self, std: float) -> None:
-        """Hidden matrices N(0, std^2) (std already width-scaled), norm gains 1."""
+    def init_weights(self, args: ModelArgs) -> None:
+        """Hidden matrices N(0, std^2), std from each matrix's own fan-in ratio (w2 reads
+        the FFN width, the others the residual stream); norm gains 1."""
         for linear in (self.attention.wq, self.attention.wk, self.attention.wv,
-                       self.attention.wo, self.feed_forward.w1, self.feed_forward.w2,
-                       self.feed_forward.w3):
-            nn.init.normal_(linear.weight, mean=0.0, std=std)
+                       self.attention.wo, self.feed_forward.w1, self.feed_forward.w3):
+            nn.init.normal_(linear.weight, mean=0.0, std=args.hidden_init_std)
+        nn.init.normal_(self.feed_forward.w2.weight, mean=0.0, std=args.ffn_out_init_std)
         for norm in (self.attention_norm, self.ffn_norm, self.post_attn_norm, self.post_ffn_norm):
             if norm is not None:
                 norm.reset_parameters()
@@ -176,7 +177,7 @@ class MuPTransformer(nn.Module):
         # modules(), not layers.values(): blocks may be wrapped by AC or torch.compile.
         for module in self.modules():
             if isinstance(module, TransformerBlock):
-                module.init_weights(args.hidden_init_std)
+                module.init_weights(args)
 
     def _retie_after_to_empty(self) -> None:
         """Restore the tie that ``to_empty`` from meta breaks on plain tensors.

@@ -1,17 +1,22 @@
 """muP / CompleteP optimizer parameter groups: per-group lr, weight decay and Adam eps.
 
-With m = dim/base_dim, L = n_layers/base_depth, a = depth_alpha (MUP.md derives them):
+With m = dim/base_dim, m_ffn = ffn_hidden_dim/base_ffn_hidden_dim (the FFN width does not
+grow exactly like dim: it is rounded up to ffn_multiple_of), L = n_layers/base_depth,
+a = depth_alpha (MUP.md derives them):
 
-| group         | members                                  | lr            | eps         |
-|---------------|------------------------------------------|---------------|-------------|
-| embedding     | tok_embeddings.weight (+ output if tied) | lr            | eps/m       |
-| output        | output.weight (untied only)              | lr            | eps/m       |
-| hidden        | the 7 block matrices                     | lr*L^(a-1)/m  | eps/(m L^a) |
-| hidden_vector | block norm gains                         | lr*L^(a-1)    | eps/(m L^a) |
-| vector        | embedding_norm, final norm gains         | lr            | eps/m       |
+| group          | members                                  | lr                | eps         |
+|----------------|------------------------------------------|-------------------|-------------|
+| embedding      | tok_embeddings.weight (+ output if tied) | lr                | eps/m       |
+| output         | output.weight (untied only)              | lr                | eps/m       |
+| hidden         | wq wk wv wo w1 w3 (fan-in dim)           | lr*L^(a-1)/m      | eps/(m L^a) |
+| hidden_ffn_out | w2 (fan-in the FFN width)                | lr*L^(a-1)/m_ffn  | eps/(m L^a) |
+| hidden_vector  | block norm gains                         | lr*L^(a-1)        | eps/(m L^a) |
+| vector         | embedding_norm, final norm gains         | lr                | eps/m       |
 
-eps follows each group's gradient-entry scale (1/m everywhere, times the residual
-multiplier L^-a inside blocks). Weight decay is 0 on vectors; on the other groups it is
+A hidden matrix's Adam lr follows its own fan-in ratio (as in microsoft/mup's base
+shapes). eps follows each group's gradient-entry scale: 1/m everywhere (w2's gradient is
+the outer product of the FFN output's gradient, of size 1/m, with a hidden activation of
+size 1), times the residual multiplier L^-a inside blocks. Weight decay is 0 on vectors; on the other groups it is
 chosen so every decayed group loses the same fraction of its weights per step as at the
 base shape, which depends on how the optimizer applies it (``WeightDecayMode``):
 
@@ -37,8 +42,9 @@ from torch import nn
 
 from fljob.trainer.model.args import ModelArgs
 
-GROUP_NAMES: tuple[str, ...] = ("embedding", "output", "hidden", "hidden_vector", "vector")
-_DECAYED = frozenset({"embedding", "output", "hidden"})
+GROUP_NAMES: tuple[str, ...] = ("embedding", "output", "hidden", "hidden_ffn_out",
+                                 "hidden_vector", "vector")
+_DECAYED = frozenset({"embedding", "output", "hidden", "hidden_ffn_out"})
 
 WeightDecayMode = Literal["decoupled", "lr_coupled", "l2"]
 WEIGHT_DECAY_MODES: tuple[str, ...] = get_args(WeightDecayMode)
@@ -50,7 +56,8 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("embedding", re.compile(r"tok_embeddings\.weight")),
     ("output", re.compile(r"output\.weight")),
     ("hidden", re.compile(
-        r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")),
+        r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[13])\.weight")),
+    ("hidden_ffn_out", re.compile(r"layers\.\d+\.feed_forward\.w2\.weight")),
     ("hidden_vector", re.compile(
         r"layers\.\d+\.(attention_norm|ffn_norm|post_attn_norm|post_ffn_norm)\.weight")),
     ("vector", re.compile(r"(embedding_norm|norm)\.weight")),
@@ -71,15 +78,15 @@ def group_scales(args: ModelArgs, *, weight_decay_mode: WeightDecayMode) -> dict
     if weight_decay_mode not in WEIGHT_DECAY_MODES:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, "
                          f"got {weight_decay_mode!r}")
-    # Under muP every gradient entry scales as 1/m (the 1/m logit multiplier lies on the
-    # backward path of every parameter); inside blocks the residual multiplier L^-a
-    # scales them once more. All 1 in SP.
-    m = args.width_mult if args.mup_enabled else 1.0
+    # Hidden matrices: lr / (own fan-in ratio). Under muP every gradient entry scales as
+    # 1/m (the 1/m logit multiplier lies on the backward path of every parameter); inside
+    # blocks the residual multiplier L^-a scales them once more. All 1 in SP.
+    m, m_ffn = (args.width_mult, args.ffn_width_mult) if args.mup_enabled else (1.0, 1.0)
     depth_lr = args.hidden_lr_depth_factor
     outer, block = 1.0 / m, args.residual_mult / m
     lr = {"embedding": 1.0, "output": 1.0, "hidden": depth_lr / m,
-          "hidden_vector": depth_lr, "vector": 1.0}
-    grad = {"embedding": outer, "output": outer, "hidden": block,
+          "hidden_ffn_out": depth_lr / m_ffn, "hidden_vector": depth_lr, "vector": 1.0}
+    grad = {"embedding": outer, "output": outer, "hidden": block, "hidden_ffn_out": block,
             "hidden_vector": block, "vector": outer}
 
     def weight_decay(group: str) -> float:
