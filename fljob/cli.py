@@ -35,6 +35,13 @@ examples:
   fljob dashboard -o grafana/                       Grafana dashboard JSON, ConfigMap, provisioning
   fljob data prepare builtin:pydoc s3://bucket/pydoc   tokenized MDS shards to train from
 
+sweeps: a spec with a `sweep:` block is a grid of trials (every combination of the values):
+  sweep: {grid: {model.width: [128, 256, 512], optimizer.lr: [0.001, 0.002, 0.004]}, parallel: 4}
+  fljob submit --backend local sweep.yaml           the trials on this machine, `parallel` at a time
+  fljob render --backend slurm sweep.yaml -o out/   one array job (--array=0-8%4) and a trials file
+  fljob status local://runs/<sweep name>            a table of trials: state, step, losses
+  fljob sweep report runs/<sweep name> -o report/   optimum per width, transfer.png, best.yaml
+
 exit codes: 0 ok, 1 failure, 2 bad input (the message says which field and how to fix it),
 75 the trainer checkpointed and asks to be requeued.
 """
