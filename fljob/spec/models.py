@@ -373,6 +373,11 @@ class ModelSpec(Strict):
     depth: int | None = Field(
         None, ge=1, le=1024, description="Number of blocks, overriding the flavor's; muP's L stays "
         "relative to the base depth (4).")
+    embedding_norm: bool | None = Field(
+        None, description="RMSNorm after the token embedding; unset: the flavor's (on). Off, with peri_norm off, "
+                          "the model is a stock Llama (fljob export hf writes a LlamaForCausalLM).")
+    peri_norm: bool | None = Field(
+        None, description="RMSNorm on each residual branch's output too; unset: the flavor's (on).")
 
     @field_validator("flavor")
     @classmethod
