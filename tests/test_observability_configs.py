@@ -125,7 +125,7 @@ def test_queries_and_rules_name_only_exported_series():
 
 def test_issue_panels_are_present():
     titles = " | ".join(p["title"].lower() for p in _panels())
-    for wanted in ("loss", "learning rate", "tokens/s", "mfu", "step time p50 / p95",
+    for wanted in ("loss", "held-out loss", "learning rate", "tokens/s", "mfu", "step time p50 / p95",
                    "gradient norm", "update / parameter", "moment", "data wait",
                    "checkpoint age", "device memory"):
         assert wanted in titles, wanted

@@ -8,6 +8,10 @@ wrap the group in a PrometheusRule on Kubernetes.
 Every rule keys on ``job`` and ``run_id``, so one firing alert names one run:
 
 * FljobLossNotFinite: the exported loss is NaN or infinite (the exporter passes them on).
+* FljobDiverged: the trainer stopped the run on a non-finite loss or gradient norm (also on
+  steps it does not log). It exits soon after, so this fires only where Prometheus scrapes
+  the run in between (a short scrape interval, ``FLJOB_METRICS_LINGER_SECONDS``); the exit
+  code (3) and the run summary record it in any case.
 * FljobNoStepProgress: no logged step for N minutes; before the first step, N minutes since
   the exporter started (a hang in start-up or the first collective counts too).
 * FljobThroughputDrop: tokens/s below a fraction of the run's own median of the last hour.
@@ -46,6 +50,7 @@ def _rule(name: str, expr: str, for_: str, severity: str, summary: str, descript
 def alert_rules(t: AlertThresholds = AlertThresholds()) -> dict[str, Any]:
     """The rule file as data."""
     loss, last_step, start = s.LOSS.name, s.LAST_STEP_TIME.name, s.START_TIME.name
+    diverged = s.DIVERGED.name
     tps, committed = s.TOKENS_PER_SECOND.name, s.CHECKPOINT_COMMITTED.name
     progress_s = t.no_progress_minutes * 60
     ckpt_s = t.checkpoint_max_age_minutes * 60
@@ -55,6 +60,12 @@ def alert_rules(t: AlertThresholds = AlertThresholds()) -> dict[str, Any]:
               f"{run}: loss is {{{{ $value }}}}",
               "The training loss is NaN or infinite: the run is diverging or a batch is corrupt. "
               "Stop it and resume from the last good checkpoint with a lower learning rate."),
+        _rule("FljobDiverged", f"{diverged} == 1", "0m", "critical",
+              f"{run}: diverged, the trainer stopped it",
+              "The loss or gradient norm became NaN or infinite and the trainer stopped the run "
+              "(exit code 3) without checkpointing that step. Lower optimizer.lr, add warm-up, "
+              "clip gradients or train in float32, then resume from the last checkpoint or "
+              "start over."),
         _rule("FljobNoStepProgress",
               f"time() - ({last_step} or {start}) > {progress_s}", "0m", "critical",
               f"{run}: no step for {t.no_progress_minutes} minutes",

@@ -101,10 +101,14 @@ def training_rows() -> list[Row]:
         Row("Loss and learning rate", [
             Panel("Loss", [Target(sel(s.LOSS), "mean {{run_id}}"),
                            Target(sel(s.LOSS_MAX), "worst rank {{run_id}}")],
-                  width=8, description="Mean over all tokens, and the worst rank's mean."),
+                  width=12, description="Mean over all tokens, and the worst rank's mean."),
+            Panel("Held-out loss", [Target(sel(s.VALIDATION_LOSS), "held-out {{run_id}}"),
+                                    Target(sel(s.LOSS), "training {{run_id}}")],
+                  width=12, description=f"{s.VALIDATION_LOSS.help} Beside the training loss: a "
+                                        "gap that widens is overfitting."),
             Panel("Learning rate per muP group", [Target(sel(s.LEARNING_RATE), "{{group}} {{run_id}}")],
-                  width=8, description=s.LEARNING_RATE.help),
-            Panel("Gradient norm", [Target(sel(s.GRAD_NORM))], width=8, description=s.GRAD_NORM.help,
+                  width=12, description=s.LEARNING_RATE.help),
+            Panel("Gradient norm", [Target(sel(s.GRAD_NORM))], width=12, description=s.GRAD_NORM.help,
                   log_scale=True),
         ]),
         Row("Throughput", [

@@ -73,6 +73,14 @@ DEVICE_MEMORY = Series(
     "fljob_device_memory_peak_bytes", "gauge",
     "Peak reserved device memory in the last logging window, the largest over ranks "
     "(peak RSS on CPU).")
+VALIDATION_LOSS = Series(
+    "fljob_validation_loss", "gauge",
+    "Mean loss over the held-out tokens of the last evaluation, all ranks "
+    "(training.validation_interval).")
+DIVERGED = Series(
+    "fljob_diverged", "gauge",
+    "1 once the run stopped because its loss or gradient norm was not finite (exit code 3), "
+    "else 0.")
 LAST_STEP_TIME = Series(
     "fljob_last_step_timestamp_seconds", "gauge", "Unix time when the last logged step finished.")
 START_TIME = Series("fljob_start_time_seconds", "gauge", "Unix time when this process started exporting.")
@@ -104,7 +112,8 @@ CHECKPOINT_COMMITTED = Series(
 
 ALL: tuple[Series, ...] = (
     STEP, CONSUMED_TOKENS, TOKENS, TOKENS_PER_SECOND, LOSS, LOSS_MAX, GRAD_NORM, LEARNING_RATE, MFU,
-    STEP_DURATION, DATA_WAIT, DEVICE_MEMORY, LAST_STEP_TIME, START_TIME, *OPTIMIZER.values(),
+    STEP_DURATION, DATA_WAIT, DEVICE_MEMORY, VALIDATION_LOSS, DIVERGED, LAST_STEP_TIME, START_TIME,
+    *OPTIMIZER.values(),
     CHECKPOINT_SAVE_DURATION, CHECKPOINT_WRITTEN_BYTES, CHECKPOINT_SIZE, CHECKPOINT_STEP,
     CHECKPOINT_COMMITTED,
 )

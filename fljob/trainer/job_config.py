@@ -35,6 +35,7 @@ from torchtitan.config.job_config import (
     Model,
     Parallelism,
     Training,
+    Validation,
 )
 from torchtitan.config.job_config import Optimizer as TitanOptimizer
 
@@ -147,5 +148,11 @@ def build_job_config(spec: JobSpec, device: str) -> FljobJobConfig:
         # The flight recorder is NCCL's; on the CPU it would only create empty folders.
         comm=Comm(trace_buf_size=0) if device == "cpu" else Comm(),
         debug=Debug(seed=train.seed, deterministic=train.deterministic),
+        # fljob's validator (fljob.trainer.validation) reads its held-out data from the spec;
+        # torchtitan builds it when enabled and calls it at the steps it chooses.
+        validation=Validation(
+            enable=True, dataset="fljob", freq=train.validation_interval,
+            steps=train.validation_batches, local_batch_size=train.local_batch_size,
+            seq_len=train.seq_len) if train.validation_interval else Validation(),
         fljob=FljobSection(spec=spec.model_dump(mode="json")),
     )

@@ -2,7 +2,8 @@
 
 1. The trainer's exit code survives. torchrun reports any failed worker as exit 1; when every
    failed worker exited with REQUEUE (checkpoint committed, "requeue me"), we exit REQUEUE so
-   the batch script's trailer can requeue.
+   the batch script's trailer can requeue, and likewise DIVERGED (the loss became NaN/inf),
+   so that a sweep can tell a diverged trial from a crashed one.
 2. The pre-kill signal reaches the workers. torchrun does not handle SIGUSR2 (its default
    action would kill the agent and orphan the workers), and it starts each worker in its own
    session, so we forward SIGUSR2 (and SIGTERM, as Kubernetes sends it) to every worker's
@@ -19,11 +20,13 @@ import signal
 import sys
 from pathlib import Path
 
-from fljob.exitcodes import REQUEUE
+from fljob.exitcodes import DIVERGED, REQUEUE
 
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 # How torchrun's own teardown of the remaining workers shows up in their exit codes.
 TEARDOWN_EXIT_CODES = frozenset({-signal.SIGTERM, -signal.SIGKILL})
+# Codes every rank exits with together, after deciding together (a collective) to stop.
+AGREED_EXIT_CODES = (REQUEUE, DIVERGED)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -79,8 +82,10 @@ def launcher_exit_code(codes: list[int]) -> int:
     torchrun stops the other workers (SIGTERM, then SIGKILL) as soon as one exits non-zero.
     After a preemption every rank exits REQUEUE, but only once the checkpoint's commit has
     been broadcast; the slower ones (rank 0 still tearing down) then show up as killed by
-    that teardown. A mix of REQUEUE and such kills is therefore still a requeue.
+    that teardown. A mix of REQUEUE and such kills is therefore still a requeue; the same
+    holds for DIVERGED, which every rank also exits with at the same step.
     """
-    if REQUEUE in codes and set(codes) <= {REQUEUE, *TEARDOWN_EXIT_CODES}:
-        return REQUEUE
+    for agreed in AGREED_EXIT_CODES:
+        if agreed in codes and set(codes) <= {agreed, *TEARDOWN_EXIT_CODES}:
+            return agreed
     return codes[0] if codes and codes[0] > 0 else 1

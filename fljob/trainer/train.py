@@ -14,12 +14,13 @@ import socket
 import sys
 import warnings
 
-from fljob.exitcodes import OK, REQUEUE
+from fljob.exitcodes import DIVERGED, OK, REQUEUE
 from fljob.spec.models import JobSpec
 
 
 def main(spec: JobSpec) -> int:
-    """Train ``spec``; OK when done, REQUEUE when stopped early by a preemption signal."""
+    """Train ``spec``; OK when done, REQUEUE when stopped early by a preemption signal,
+    DIVERGED when stopped on a non-finite loss or gradient norm."""
     from fljob.trainer.device import resolve_device, set_cpu_threads, use_device
     from fljob.trainer.preemption import Preemption
 
@@ -40,6 +41,7 @@ def main(spec: JobSpec) -> int:
     from fljob.trainer import train_spec
     from fljob.trainer.data.builder import build_tokenizer
     from fljob.trainer.data.prepare import prepare_bundled_text, prepare_stream_tokenizer
+    from fljob.trainer.divergence import Diverged
     from fljob.trainer.job_config import build_job_config
     from fljob.trainer.model.flavors import flavor_name, get_flavor
     from fljob.trainer.trainer import FljobTrainer
@@ -53,13 +55,21 @@ def main(spec: JobSpec) -> int:
 
     trainer = FljobTrainer(build_job_config(spec, device), preemption)
     try:
-        trainer.train()
-        if trainer.preempted:
-            trainer.save_for_requeue()
+        try:
+            trainer.train()
+            if trainer.preempted:
+                trainer.save_for_requeue()
+        except Diverged:  # every rank, at the same step; the trainer logged why
+            trainer.finish("diverged")
+            return DIVERGED
+        except BaseException:
+            trainer.write_summary("failed")
+            raise
+        trainer.finish("preempted" if trainer.preempted else "completed")
     finally:
         trainer.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return REQUEUE if trainer.preempted else OK
 
 

@@ -12,20 +12,22 @@ from the ``JobConfig`` (fljob-only settings from ``job_config.fljob``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
 from torchtitan.components.dataloader import BaseDataLoader
-from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.components.loss import LossFunction, build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.components.validate import ValidationContext
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
 from fljob.spec.models import JobSpec
-from fljob.trainer.data.builder import build_dataloader, build_tokenizer
+from fljob.trainer.data.builder import build_dataloader, build_tokenizer, build_validation_batches
 from fljob.trainer.data.tokenizer import TokenizerFile
 from fljob.trainer.job_config import TRAIN_SPEC_NAME, OptimizerConfig, job_spec
 from fljob.trainer.metrics.processor import FljobMetricsProcessor
@@ -37,6 +39,7 @@ from fljob.trainer.model.parallelize import parallelize_mup_llama
 from fljob.trainer.model.state_dict_adapter import MuPLlamaStateDictAdapter
 from fljob.trainer.optim import build_optimizer
 from fljob.trainer.optim.builder import QUASI_HYPERBOLIC, WEIGHT_DECAY_MODES
+from fljob.trainer.validation import HeldOutValidator
 
 
 class MuPOptimizersContainer(OptimizersContainer):
@@ -84,6 +87,24 @@ def build_spec_dataloader(dp_world_size: int, dp_rank: int, tokenizer: Tokenizer
     return build_dataloader(job_spec(job_config), dp_rank, dp_world_size, tokenizer)
 
 
+def build_spec_validator(
+    job_config: JobConfig, dp_world_size: int, dp_rank: int, tokenizer: TokenizerFile,
+    parallel_dims: ParallelDims, loss_fn: LossFunction, validation_context: ValidationContext,
+    maybe_enable_amp: AbstractContextManager[None],
+    metrics_processor: FljobMetricsProcessor | None = None, pp_schedule: Any = None,
+    pp_has_first_stage: bool | None = None, pp_has_last_stage: bool | None = None,
+) -> HeldOutValidator:
+    """The held-out validator over this data-parallel rank's batches of the spec's data."""
+    if metrics_processor is None or pp_schedule is not None:
+        raise ValueError("fljob's validator needs the metrics processor and no pipeline stages")
+    del pp_has_first_stage, pp_has_last_stage
+    batches = build_validation_batches(job_spec(job_config), dp_rank, dp_world_size, tokenizer)
+    return HeldOutValidator(
+        job_config, batches, parallel_dims=parallel_dims, loss_fn=loss_fn,
+        validation_context=validation_context, maybe_enable_amp=maybe_enable_amp,
+        metrics_processor=metrics_processor)
+
+
 def build_metrics_processor(job_config: JobConfig, parallel_dims: ParallelDims,
                             model_args: ModelArgs | None = None) -> FljobMetricsProcessor:
     del model_args  # FLOPs per token come from the trainer, as in torchtitan
@@ -103,6 +124,7 @@ def build_train_spec(args: ModelArgs, flavor: str) -> TrainSpec:
         build_tokenizer_fn=build_spec_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
         build_metrics_processor_fn=build_metrics_processor,
+        build_validator_fn=build_spec_validator,
         state_dict_adapter=MuPLlamaStateDictAdapter,
     )
 

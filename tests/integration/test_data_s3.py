@@ -1,4 +1,6 @@
-"""`fljob data prepare` to the real S3 server (Swift, tests/infra/s3.sh) and training from it.
+"""`fljob data prepare` to the real S3 server (Swift, tests/infra/s3.sh) and training from it,
+with held-out streams too (`--validation-fraction`), the run summary copied beside the
+checkpoints.
 
 The trainer gets the endpoint and credentials only through the spec's storage references
 (variables with other names than AWS_*), and the test secret appears in no log or file.
@@ -126,6 +128,51 @@ def test_fljob_train_from_s3_with_referenced_credentials(s3_server, s3_dataset,
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_split_on_s3_trains_with_held_out_streams_and_copies_the_summary(s3_server,
+                                                                       tmp_path: Path) -> None:
+    uri = f"s3://{s3_server.bucket}/split-{uuid.uuid4().hex[:8]}"
+    prepared = fljob("data", "prepare", "builtin:pydoc", uri, "--seq-len", str(SEQ),
+                     "--vocab-size", "512", "--validation-fraction", "0.2", "--no-progress",
+                     env=_server_env(s3_server))
+    assert prepared.returncode == 0, prepared.stderr
+    train, validation = f"{uri}/train", f"{uri}/validation"
+    assert (f"data: {{streams: [{{uri: {train}}}], validation: [{{uri: {validation}}}]}}"
+            in prepared.stdout)
+    prefix = uri.removeprefix(f"s3://{s3_server.bucket}/")
+    for split in ("train", "validation"):
+        keys = _keys(s3_server, f"{prefix}/{split}")
+        assert {"index.json", "fljob_index.json", "tokenizer.json"} <= keys, split
+
+    checkpoints = f"s3://{s3_server.bucket}/ckpt-{uuid.uuid4().hex[:8]}"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({
+        "name": "s3-held-out", "run_dir": str(tmp_path / "run"),
+        "training": {"steps": 4, "local_batch_size": 2, "seq_len": SEQ,
+                     "validation_interval": 2, "validation_batches": 2},
+        "data": {"streams": [{"uri": train}], "validation": [{"uri": validation}]},
+        "checkpoint": {"uri": checkpoints},
+        "storage": {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region,
+                    "access_key_id": {"env": "FLJOB_TEST_S3_KEY"},
+                    "secret_access_key": {"env": "FLJOB_TEST_S3_SECRET"}},
+        "metrics": {"enabled": False, "port": free_port()},
+    }))
+    env = {**_bare_env(), "FLJOB_TEST_S3_KEY": s3_server.access_key_id,
+           "FLJOB_TEST_S3_SECRET": s3_server.secret_access_key}
+    result = fljob("train", str(spec), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    held = {r["step"]: r["validation_loss"] for r in rows if "validation_loss" in r}
+    assert sorted(held) == [2, 4] and all(np.isfinite(list(held.values())))
+    local = (tmp_path / "run" / "summary.json").read_bytes()
+    remote = s3_server.client().get_object(
+        Bucket=s3_server.bucket, Key=f"{checkpoints.split('/', 3)[3]}/summary.json")["Body"].read()
+    assert remote == local
+    summary = json.loads(local)
+    assert (summary["state"], summary["validation_step"], summary["validation_loss"]) == (
+        "completed", 4, held[4])
+    assert s3_server.secret_access_key.encode() not in local
 
 
 def test_prepare_failing_half_way_leaves_no_complete_dataset(s3_server, tmp_path: Path) -> None:

@@ -72,22 +72,24 @@ FLJOB = Path(sys.executable).parent / "fljob"
 
 
 def _submit(stack: dict, tmp: Path, job: str, run_id: str, steps: int, linger_s: int) -> subprocess.Popen:
-    """Start `fljob submit --backend local` on a tiny spec with file_sd and Pushgateway on."""
+    """Start `fljob submit --backend local` on a tiny spec with file_sd and Pushgateway on, and
+    held-out evaluations every 4 steps (the held-out loss panel has data)."""
     spec = {
         "name": job, "run_dir": str(tmp / "run"),
-        "training": {"steps": steps, "local_batch_size": 4, "seq_len": 64, "log_interval": 1},
+        "training": {"steps": steps, "local_batch_size": 4, "seq_len": 64, "log_interval": 1,
+                     "validation_interval": 4, "validation_batches": 2},
         "schedule": {"warmup_steps": 2},
         "checkpoint": {"uri": str(tmp / "checkpoints"), "interval_steps": 8},
         "metrics": {"port": METRICS_PORT, "optimizer_interval": 2,
                     "file_sd_dir": str(stack["targets"]),
                     "pushgateway": {"url": stack["pushgateway"], "interval_seconds": 0.5}},
-        "env": {"FLJOB_METRICS_LINGER_SECONDS": str(linger_s)},
     }
     (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    # FLJOB_* variables ride in the submitting environment (a spec may not set them).
+    env = dict(os.environ, FLJOB_RUN_ID=run_id, FLJOB_METRICS_LINGER_SECONDS=str(linger_s))
     with open(tmp / "submit.log", "w") as out:
         return subprocess.Popen([str(FLJOB), "submit", "--backend", "local", str(tmp / "spec.yaml")],
-                                env=dict(os.environ, FLJOB_RUN_ID=run_id), stdout=out,
-                                stderr=subprocess.STDOUT)
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")

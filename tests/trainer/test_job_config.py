@@ -59,7 +59,8 @@ def test_every_spec_field_that_torchtitan_reads_is_carried() -> None:
                   "min_lr_factor": 0.1},
         training={"steps": 11, "local_batch_size": 2, "global_batch_size": 8, "seq_len": 64,
                   "dtype": "bfloat16", "compile": True, "activation_checkpoint": "full",
-                  "seed": 5, "deterministic": True, "log_interval": 3},
+                  "seed": 5, "deterministic": True, "log_interval": 3,
+                  "validation_interval": 4, "validation_batches": 3},
         parallelism={"data_parallel_shard_degree": 2, "data_parallel_replicate_degree": 2},
         checkpoint={"uri": "s3://bucket/ckpt", "interval_steps": 20, "async_save": True},
         model={"flavor": "7.61M"},
@@ -83,6 +84,8 @@ def test_every_spec_field_that_torchtitan_reads_is_carried() -> None:
     c = cfg.checkpoint
     assert (c.enable, c.folder, c.interval, c.async_mode, c.last_save_model_only) == (
         False, "s3://bucket/ckpt", 20, "async", False)
+    v = cfg.validation  # torchtitan builds fljob's validator from it (train_spec)
+    assert (v.enable, v.freq, v.steps, v.local_batch_size, v.seq_len) == (True, 4, 3, 2, 64)
 
 
 def test_flight_recorder_only_on_gpu() -> None:

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from fljob.exitcodes import REQUEUE
+from fljob.exitcodes import DIVERGED, REQUEUE
 from fljob.trainer.launch import launcher_exit_code, torchrun_argv
 
 
@@ -19,6 +19,11 @@ from fljob.trainer.launch import launcher_exit_code, torchrun_argv
     ([-signal.SIGSEGV, REQUEUE], 1),  # a crash is not a teardown
     ([-signal.SIGTERM], 1),  # killed, nobody checkpointed
     ([2], 2),
+    # Every rank stopped on a non-finite loss; torchrun tore down the slower ones.
+    ([DIVERGED, DIVERGED], DIVERGED),
+    ([-signal.SIGTERM, DIVERGED], DIVERGED),
+    ([DIVERGED, REQUEUE], DIVERGED),  # not agreed: the first code, as for any mix
+    ([-signal.SIGSEGV, DIVERGED], 1),
 ])
 def test_exit_code_from_failed_workers(codes: list[int], expected: int) -> None:
     assert launcher_exit_code(sorted(codes)) == expected

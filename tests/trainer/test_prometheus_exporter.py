@@ -57,6 +57,8 @@ def _full_metrics() -> TrainingMetrics:
     metrics.observe(_record(), step=10, now=1000.0)
     metrics.observe_step_time(0.3)
     metrics.record_checkpoint(step=10, seconds=4.2, size_bytes=123456, committed_at=990.0)
+    metrics.observe_validation({"validation_loss": 6.75, "validation_tokens": 8192,
+                                "validation_time_s": 0.2, "elapsed_s": 12.0})
     return metrics
 
 
@@ -93,6 +95,17 @@ def test_counters_restart_at_zero_while_restored_progress_is_a_gauge():
     assert _value(resumed, "fljob_consumed_tokens") == 3072
     assert _value(resumed, "fljob_step") == 3
     assert _value(resumed, "fljob_data_wait_seconds_total") == pytest.approx(0.25)
+
+
+def test_held_out_loss_and_divergence_are_gauges_of_the_run():
+    metrics = TrainingMetrics("tiny", "run-7")
+    assert _value(metrics, "fljob_diverged") == 0  # from the start, so alerts can compare
+    assert "fljob_validation_loss" not in {s.name for s in _samples(metrics)}  # none yet
+    metrics.observe_validation({"validation_loss": 5.5, "validation_tokens": 64,
+                                "validation_time_s": 0.1, "elapsed_s": 3.0})
+    assert _value(metrics, "fljob_validation_loss") == 5.5
+    metrics.mark_diverged()
+    assert _value(metrics, "fljob_diverged") == 1
 
 
 def test_non_finite_loss_is_exported_as_is():

@@ -1,5 +1,6 @@
 """MDS preparation and the streaming loader: exact tokens, proportions, DP/TP sharding, resume,
-shared-memory hygiene, and `fljob data prepare`'s answers to bad input."""
+shared-memory hygiene, the train/validation split and held-out streams, and `fljob data
+prepare`'s answers to bad input."""
 
 from __future__ import annotations
 
@@ -25,15 +26,21 @@ try:
 except ImportError as exc:
     pytest.skip(f"mosaicml-streaming is not importable: {exc}", allow_module_level=True)
 
+from fljob.errors import UsageError
+from fljob.spec.models import JobSpec
+from fljob.summary import read_summary
+from fljob.trainer.data.builder import build_validation_batches
 from fljob.trainer.data.mds_prepare import (
     INDEX_FILE,
     TOKENIZER_FILE,
     PrepareConfig,
     iter_documents,
     prepare_mds,
+    prepare_split,
     read_index,
 )
 from fljob.trainer.data.shared_memory import registered_locals, release_leaked
+from fljob.trainer.data.split import held_out
 from fljob.trainer.data.streaming import (
     StreamingTokenLoader,
     StreamSource,
@@ -154,6 +161,62 @@ def test_resume_from_state_dict_continues_with_the_same_batches(tmp_path: Path) 
     assert _take(fresh, 5) != continuation  # the state is what made the difference
 
 
+def test_split_writes_two_complete_datasets_of_disjoint_whole_documents(tmp_path: Path) -> None:
+    src = _corpus(tmp_path / "src", "alpha", 30)
+    config = PrepareConfig(src=str(src), dest=str(tmp_path / "out"), seq_len=SEQ, vocab_size=VOCAB)
+    written = prepare_split(config, 0.25, progress=False)
+    train, validation = tmp_path / "out" / "train", tmp_path / "out" / "validation"
+    assert list(written) == [str(train), str(validation)]
+    assert written[str(train)] == read_index(str(train))
+    assert written[str(validation)] == read_index(str(validation))
+    docs = [text for text, _ in iter_documents(str(src))]
+    held = [d for d in docs if held_out(d, 0.25)]
+    assert 0 < len(held) < len(docs) / 2
+    assert read_index(str(validation)).documents == len(held)
+    assert read_index(str(train)).documents == len(docs) - len(held)
+    assert (train / TOKENIZER_FILE).read_bytes() == (validation / TOKENIZER_FILE).read_bytes()
+    # Each side holds exactly its own documents' tokens, in order: no document is cut in two.
+    tokenizer = TokenizerFile(train / TOKENIZER_FILE)
+    for folder, mine in ((train, [d for d in docs if d not in held]), (validation, held)):
+        stream = [t for d in mine for t in tokenizer.encode(d) + [tokenizer.eos_id]]
+        n = (len(stream) - 1) // SEQ
+        expected = {tuple(stream[i * SEQ:i * SEQ + SEQ + 1]) for i in range(n)}
+        loader = _loader([StreamSource(str(folder), str(tmp_path / f"cache-{folder.name}"))], batch=1)
+        assert set(_take(loader, n)) == expected
+    # The same input splits the same way again.
+    again = prepare_split(PrepareConfig(src=str(src), dest=str(tmp_path / "again"), seq_len=SEQ,
+                                        vocab_size=VOCAB), 0.25, progress=False)
+    assert [i.tokens for i in again.values()] == [i.tokens for i in written.values()]
+    with pytest.raises(UsageError, match="between 0 and 1"):
+        prepare_split(config, 1.0, progress=False)
+
+
+def test_held_out_stream_batches_are_fixed_and_checked(tmp_path: Path) -> None:
+    src = _corpus(tmp_path / "src", "alpha", 40)
+    prepare_split(PrepareConfig(src=str(src), dest=str(tmp_path / "d"), seq_len=SEQ,
+                                vocab_size=VOCAB), 0.3, progress=False)
+    train, validation = str(tmp_path / "d" / "train"), str(tmp_path / "d" / "validation")
+
+    def spec(uri: str, **training: int) -> JobSpec:
+        return JobSpec.model_validate({
+            "name": "held", "run_dir": str(tmp_path / "run"),
+            "training": {"seq_len": SEQ, "local_batch_size": 2, "validation_interval": 5,
+                         "validation_batches": 2, **training},
+            "data": {"streams": [{"uri": train}], "validation": [{"uri": uri}]}})
+
+    tokenizer = TokenizerFile(tmp_path / "d" / "train" / TOKENIZER_FILE)
+    first = build_validation_batches(spec(validation), 0, 1, tokenizer)
+    again = build_validation_batches(spec(validation), 0, 1, tokenizer)
+    assert len(first) == 2 and [_rows(b) for b in first] == [_rows(b) for b in again]
+    held_samples = set(_take(_loader([StreamSource(validation, str(tmp_path / "all"))], batch=1),
+                             read_index(validation).samples))
+    assert {row for b in first for row in _rows(b)} <= held_samples
+    with pytest.raises(UsageError, match=r"data\.validation\[0\] .* seq_len"):
+        build_validation_batches(spec(validation, seq_len=2 * SEQ), 0, 1, tokenizer)
+    with pytest.raises(UsageError, match=r"data\.validation\[0\] .* not a complete"):
+        build_validation_batches(spec(str(tmp_path / "src")), 0, 1, tokenizer)
+
+
 def _shard_worker(rank: int, world: int, port: int, dest: str, cache: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -239,6 +302,23 @@ def _outside_torchrun() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ranks}
 
 
+def test_cli_splits_with_a_validation_fraction_and_names_both_uris(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    result = fljob("data", "prepare", "builtin:pydoc", str(dest), "--seq-len", "64",
+                   "--vocab-size", str(VOCAB), "--validation-fraction", "0.2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert f"data: {{streams: [{{uri: {dest / 'train'}}}], validation: [{{uri: " \
+           f"{dest / 'validation'}}}]}}" in result.stdout
+    for split in ("train", "validation"):
+        index = json.loads((dest / split / INDEX_FILE).read_text())
+        assert f"{split} split at validation fraction 0.2" in index["source"]
+        assert f"{dest / split}: {index['documents']} documents" in result.stdout
+    bad = fljob("data", "prepare", "builtin:pydoc", str(tmp_path / "bad"),
+                "--validation-fraction", "0", "--no-progress")
+    assert bad.returncode == 2 and "between 0 and 1" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def test_cli_prepares_the_bundled_corpus(tmp_path: Path) -> None:
     result = fljob("data", "prepare", "builtin:pydoc", str(tmp_path / "out"), "--seq-len", "64",
                    "--no-progress")
@@ -320,30 +400,46 @@ def test_fljob_train_refuses_an_unusable_stream(tmp_path: Path, case: str) -> No
 
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_continues_the_stream_bitwise(tmp_path: Path) -> None:
-    """2 data-parallel ranks: 6 steps in one go == 3 steps, stop, resume for 3 more.
+    """2 data-parallel ranks with held-out streams: 6 steps in one go == 3 steps, stop, resume
+    for 3 more, the training steps and the evaluations both.
 
     The learning rate is constant (a decay of 1% of the steps rounds to none), so only the
-    restored model, optimizer and sample position can make steps 4-6 equal.
+    restored model, optimizer and sample position can make steps 4-6 equal; the evaluations
+    at steps 2, 4 and 6 are equal because every attempt draws the same held-out batches.
     """
-    dest = _prepare(tmp_path, "alpha", docs=40)
+    src = _corpus(tmp_path / "src", "alpha", 40)
+    prepare_split(PrepareConfig(src=str(src), dest=str(tmp_path / "d"), seq_len=SEQ,
+                                vocab_size=VOCAB), 0.3, progress=False)
 
-    def run(run_dir: Path, steps: int) -> list[tuple[int, float]]:
+    def run(run_dir: Path, steps: int) -> tuple[list[tuple[int, float]], dict[int, float]]:
         spec = tmp_path / f"{run_dir.name}.yaml"
         spec.write_text(json.dumps({
             "name": "stream-resume", "run_dir": str(run_dir),
             "resources": {"procs_per_node": 2},
-            "training": {"steps": steps, "local_batch_size": 2, "seq_len": SEQ},
+            "training": {"steps": steps, "local_batch_size": 2, "seq_len": SEQ,
+                         "validation_interval": 2, "validation_batches": 2},
             "schedule": {"decay_ratio": 0.01},
-            "data": {"streams": [{"uri": str(dest)}]},
+            "data": {"streams": [{"uri": str(tmp_path / "d" / "train")}],
+                     "validation": [{"uri": str(tmp_path / "d" / "validation")}]},
             "metrics": {"enabled": False, "port": free_port()},
         }))
         result = fljob("submit", "--backend", "local", str(spec))
         assert result.returncode == 0, result.stderr[-3000:]
-        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"]) for r in map(json.loads, rows)]
+        rows = list(map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
+        return ([(r["step"], r["loss"]) for r in rows if "loss" in r],
+                {r["step"]: r["validation_loss"] for r in rows if "validation_loss" in r})
 
-    straight = run(tmp_path / "straight", 6)
-    run(tmp_path / "stopped", 3)
-    stopped_and_resumed = run(tmp_path / "stopped", 6)  # the metrics file is appended to
+    straight, straight_held = run(tmp_path / "straight", 6)
+    _, first_held = run(tmp_path / "stopped", 3)
+    first = read_summary(tmp_path / "stopped")
+    stopped_and_resumed, held = run(tmp_path / "stopped", 6)  # the metrics file is appended to
     assert [step for step, _ in stopped_and_resumed] == [1, 2, 3, 4, 5, 6]  # resumed at 4
     assert stopped_and_resumed == straight
+    assert sorted(first_held) == [2, 3] and sorted(held) == [2, 3, 4, 6]  # 3: the first's last
+    assert {s: held[s] for s in (2, 4, 6)} == straight_held
+    # The resumed attempt's summary carries on from the first one's.
+    summary = read_summary(tmp_path / "stopped")
+    assert first is not None and summary is not None
+    assert (summary.state, summary.step, summary.validation_step) == ("completed", 6, 6)
+    assert summary.validation_loss == straight_held[6]
+    assert summary.elapsed_s > first.elapsed_s

@@ -19,6 +19,15 @@ A record::
 ``tokens`` (all ranks), ``data_wait_s`` and ``memory_bytes`` (peak reserved; both the largest
 over ranks) cover the steps since the previous record; rank 0 also exports the record to
 Prometheus (:mod:`.prometheus`) when ``metrics.enabled``.
+
+A held-out evaluation (:mod:`fljob.trainer.validation`) is a record of its own, after the
+training record of the same step; it has no ``loss`` key, so readers of the training loss
+never mistake it::
+
+    {"step": 10, "validation_loss": 6.4, "validation_tokens": 8192,
+     "validation_time_s": 0.21, "elapsed_s": 7.6}
+
+Its time is kept out of the next training record's throughput and step time.
 """
 
 from __future__ import annotations
@@ -37,12 +46,16 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
 from fljob.trainer.job_config import job_spec
+from fljob.trainer.metrics import VALIDATION_LOSS
 from fljob.trainer.metrics.jsonl import JsonlLogger
 from fljob.trainer.metrics.optimizer_stats import OptimizerStats
 from fljob.trainer.metrics.progress import ProgressLogger
 from fljob.trainer.metrics.prometheus import PrometheusLogger, build_prometheus_logger
 
 METRICS_FILE = "metrics.jsonl"
+VALIDATION_LOSS_KEY = "validation_metrics/loss"  # torchtitan's key in log_validation
+VALIDATION_TOKENS_KEY = "validation_metrics/tokens"
+VALIDATION_TIME_KEY = "validation_metrics/time_s"
 
 def fljob_record(metrics: dict[str, Any], world_size: int, elapsed_s: float) -> dict[str, Any]:
     """fljob's record of one step from torchtitan's metrics dict (plus ``lr/`` and ``optim/``).
@@ -78,6 +91,13 @@ def fljob_record(metrics: dict[str, Any], world_size: int, elapsed_s: float) -> 
     return record
 
 
+def validation_record(metrics: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
+    """fljob's record of a held-out evaluation from :meth:`FljobMetricsProcessor.log_validation`."""
+    return {VALIDATION_LOSS: metrics[VALIDATION_LOSS_KEY],
+            "validation_tokens": int(metrics[VALIDATION_TOKENS_KEY]),
+            "validation_time_s": metrics[VALIDATION_TIME_KEY], "elapsed_s": elapsed_s}
+
+
 class RecordLogger(BaseLogger):
     """A torchtitan logger backend that feeds fljob records to fljob's sinks."""
 
@@ -86,7 +106,9 @@ class RecordLogger(BaseLogger):
         self.start = time.perf_counter()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        record = fljob_record(metrics, self.world_size, time.perf_counter() - self.start)
+        elapsed = time.perf_counter() - self.start
+        record = (validation_record(metrics, elapsed) if VALIDATION_LOSS_KEY in metrics
+                  else fljob_record(metrics, self.world_size, elapsed))
         for sink in self.sinks:
             sink.log(record, step)
 
@@ -112,6 +134,10 @@ class FljobMetricsProcessor(MetricsProcessor):
         self._device = torch.device("cpu")  # the optimizer's, once watched
         self._prometheus: PrometheusLogger | None = None
         self._last_step_end: float | None = None
+        # The last logged step's global values (every rank has them: torchtitan reduces them).
+        self.last_logged_step: int | None = None
+        self.last_loss: float | None = None
+        self.last_grad_norm: float | None = None
         if dist.get_rank() == 0:  # the metrics rank: fljob models have no pipeline stages
             sinks: list[BaseLogger] = [
                 JsonlLogger(Path(spec.resolved_run_dir) / METRICS_FILE),
@@ -160,12 +186,32 @@ class FljobMetricsProcessor(MetricsProcessor):
 
     def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
             extra_metrics: dict[str, Any] | None = None) -> None:
+        self.last_logged_step, self.last_loss, self.last_grad_norm = step, global_avg_loss, grad_norm
         extra = {k: v for k, v in (extra_metrics or {}).items() if k != "lr"}  # one group's
         extra.update({f"lr/{name}": lr for name, lr in self._step_lrs.items()})
         extra.update(self._step_stats)
         extra.update(self._window_metrics())
         self._step_stats = {}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
+
+    def log_validation(self, loss: float, step: int,
+                       extra_metrics: dict[str, Any] | None = None) -> None:
+        """Record a held-out evaluation (``extra_metrics`` carries its tokens and seconds).
+
+        Not torchtitan's: that one resets the training window (token count, clock, peak
+        memory), losing the tokens of the steps since the last record. This one leaves the
+        window alone and only takes the evaluation's time out of it.
+        """
+        self.logger.log({VALIDATION_LOSS_KEY: loss, **(extra_metrics or {})}, step)
+        seconds = float((extra_metrics or {}).get(VALIDATION_TIME_KEY, 0.0))
+        self.time_last_log += seconds
+        if self._last_step_end is not None:
+            self._last_step_end += seconds
+
+    def record_divergence(self) -> None:
+        """The run stopped on a non-finite loss or gradient norm: tell Prometheus."""
+        if self._prometheus is not None:
+            self._prometheus.metrics.mark_diverged()
 
     def _window_metrics(self) -> dict[str, float]:
         """Tokens of all ranks since the last log, and the largest data wait and peak memory

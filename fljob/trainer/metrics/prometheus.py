@@ -35,7 +35,7 @@ from torchtitan.components.metrics import BaseLogger
 from fljob.observability import series
 from fljob.observability.series import JOB_ENV, RUN_ID_ENV, Series
 from fljob.spec.models import JobSpec
-from fljob.trainer.metrics import scrape_target
+from fljob.trainer.metrics import VALIDATION_LOSS, scrape_target
 from fljob.trainer.metrics.pushgateway import Pusher
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class TrainingMetrics:
             if s.kind != "gauge" and not s.grouped:
                 self._child(s)
         self._child(series.START_TIME).set(time.time())
+        self._child(series.DIVERGED).set(0)
 
     def _child(self, s: Series, group: str | None = None) -> Any:
         return self._families[s.name].labels(*self.run_labels, *(() if group is None else (group,)))
@@ -97,6 +98,13 @@ class TrainingMetrics:
             for stat, value in stats.items():
                 if stat in series.OPTIMIZER:  # `lr` is already fljob_learning_rate
                     self._child(series.OPTIMIZER[stat], group).set(value)
+
+    def observe_validation(self, record: dict[str, Any]) -> None:
+        """Export one held-out evaluation record (see :mod:`.processor`)."""
+        self._child(series.VALIDATION_LOSS).set(record[VALIDATION_LOSS])
+
+    def mark_diverged(self) -> None:
+        self._child(series.DIVERGED).set(1)
 
     def record_checkpoint(self, step: int, seconds: float, size_bytes: int,
                           committed_at: float) -> None:
@@ -132,7 +140,10 @@ class PrometheusLogger(BaseLogger):
         atexit.register(self.close)  # exceptions and sys.exit still remove the target
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.metrics.observe(metrics, step)
+        if VALIDATION_LOSS in metrics:
+            self.metrics.observe_validation(metrics)
+        else:
+            self.metrics.observe(metrics, step)
 
     def close(self) -> None:
         global _ACTIVE
