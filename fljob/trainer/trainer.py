@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ from fljob import storage
 from fljob.summary import RunState, RunSummary, read_summary, write_summary
 from fljob.trainer.checkpoint import build_checkpointer
 from fljob.trainer.checkpoint.store import describe_error, step_name
+from fljob.trainer.data.builder import Batch
 from fljob.trainer.divergence import LIKELY_FIXES, Diverged, find_non_finite
 from fljob.trainer.job_config import job_spec
 from fljob.trainer.metrics.processor import FljobMetricsProcessor
@@ -92,7 +94,7 @@ class FljobTrainer(Trainer):
         self._step_losses.append(loss.detach())
         return loss
 
-    def train_step(self, data_iterator) -> None:  # type: ignore[no-untyped-def]
+    def train_step(self, data_iterator: Iterator[Batch]) -> None:
         """torchtitan's step, then the divergence check (before the loop may save it)."""
         self._step_losses = []
         super().train_step(data_iterator)
