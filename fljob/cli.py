@@ -43,7 +43,8 @@ sweeps: a spec with a `sweep:` block is a grid of trials (every combination of t
   fljob sweep report runs/<sweep name> -o report/   optimum per width, transfer.png, best.yaml
 
 exit codes: 0 ok, 1 failure, 2 bad input (the message says which field and how to fix it),
-75 the trainer checkpointed and asks to be requeued.
+3 the loss or gradient norm became NaN/inf (nothing of it was committed), 75 the trainer
+checkpointed and asks to be requeued.
 """
 
 
@@ -165,7 +166,7 @@ writes three files into the folder:
                                         provisioning/dashboards/ and the JSON to
                                         /var/lib/grafana/dashboards/fljob/
 
-panels: loss, learning rate per muP group, gradient norm, tokens/s, MFU, step time p50/p95,
+panels: loss, held-out loss, learning rate per muP group, gradient norm, tokens/s, MFU, step time p50/p95,
 optimizer statistics per group, data wait, checkpoint age/duration/size, device memory;
 variables: datasource, job, run_id (the labels every fljob_ series carries).
 configs/grafana/ holds the output of this command for the current fljob.

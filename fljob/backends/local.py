@@ -302,8 +302,8 @@ def _raise_for(rc: int, handle: Handle, folder: Path) -> None:
     if rc == REQUEUE:
         raise JobFailed(rc, f"{handle}: stopped by a signal after checkpointing; submit again to resume")
     if rc == DIVERGED:
-        raise JobFailed(rc, f"{handle}: stopped because the loss became NaN/inf (nothing of it was "
-                            f"committed); see {folder / LOG_FILE}")
+        raise JobFailed(rc, f"{handle}: stopped because the loss or the gradient norm became NaN/inf (nothing "
+                            f"of it was committed); see {folder / LOG_FILE}")
     if rc != 0:
         raise JobFailed(rc, f"{handle}: failed with exit code {rc}; see {folder / LOG_FILE}")
 
