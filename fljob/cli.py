@@ -166,8 +166,9 @@ writes three files into the folder:
                                         provisioning/dashboards/ and the JSON to
                                         /var/lib/grafana/dashboards/fljob/
 
-panels: loss, held-out loss, learning rate per muP group, gradient norm, tokens/s, MFU, step time p50/p95,
-optimizer statistics per group, data wait, checkpoint age/duration/size, device memory;
+panels: loss, held-out loss, learning rate per muP group, gradient norm, tokens/s, MFU,
+step time p50/p95, optimizer statistics per group, data wait, checkpoint age/duration/size,
+device memory;
 variables: datasource, job, run_id (the labels every fljob_ series carries).
 configs/grafana/ holds the output of this command for the current fljob.
 
