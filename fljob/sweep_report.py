@@ -19,6 +19,7 @@ import io
 import json
 import math
 import statistics
+import textwrap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -670,7 +671,8 @@ def plot(analysis: Analysis) -> bytes:
         ax.set_xticks(analysis.lrs, [_lr_tex(lr) for lr in analysis.lrs], fontsize=8)
         ax.set_ylim(bottom, top)
         ax.set_xlabel(f"{LR_KEY} (log2)")
-        ax.set_title(f"{group.label}\n{group.verdict.text.removeprefix(f'{group.label}: ')}", fontsize=8)
+        verdict = textwrap.fill(group.verdict.text.removeprefix(f"{group.label}: "), width=70)
+        ax.set_title(f"{group.label}\n{verdict}", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"final {_metric_label(analysis.metric)}")
     handles = [Line2D([], [], color=shade[w], marker="o", label=f"width {w}") for w in analysis.widths]
