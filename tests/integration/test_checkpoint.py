@@ -14,6 +14,10 @@
 * The S3 credentials reach the trainer only through the spec's storage references (no AWS_*
   variables in its environment), and their secret value appears in no output, no file of the
   run folder and no manifest.
+* Trust on resume: a spec that changed what the checkpoint depends on (the optimizer) is
+  refused with exit 2 and one line, one with more steps resumes and says what changed; a
+  committed step with a truncated shard is named, loses its marker, and resume falls back to
+  the previous commit. The lock that keeps two runs apart: test_checkpoint_lock.py.
 
 Each run is a tiny-model CPU subprocess of ~8 s (start-up dominates); the module runs about
 a dozen of them.
@@ -39,7 +43,7 @@ from ports import free_port
 
 pytest.importorskip("torchtitan", reason="torchtitan (the trainer extra) is not installed")
 
-from fljob.exitcodes import FAILED, OK, REQUEUE
+from fljob.exitcodes import FAILED, OK, REQUEUE, USAGE
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 300
@@ -53,10 +57,12 @@ pytestmark = pytest.mark.slow
 
 class Where:
     """A checkpoint location (a folder, or a fresh prefix on the S3 server) and the spec and
-    environment that reach it."""
+    environment that reach it. Its runs are attempts of one job: they share a FLJOB_RUN_ID, as
+    a requeued SLURM job or a restarted pod does (so a restart takes the lease back)."""
 
     def __init__(self, tmp_path: Path, server=None) -> None:
         self.server = server
+        self.run_id = f"job-{uuid.uuid4().hex[:8]}"
         if server is None:
             self.uri = str(tmp_path / "checkpoints")
         else:
@@ -69,10 +75,11 @@ class Where:
                             "access_key_id": {"env": KEY_ENV},
                             "secret_access_key": {"env": SECRET_ENV}}}
 
-    def env(self) -> dict[str, str]:
+    def env(self, run_id: str | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in AMBIENT}
         env.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO),
-                   PYTHONUNBUFFERED="1")  # the test reads the output while the run goes on
+                   PYTHONUNBUFFERED="1",  # the test reads the output while the run goes on
+                   FLJOB_RUN_ID=run_id or self.run_id)
         if self.server is not None:
             env[KEY_ENV], env[SECRET_ENV] = self.server.access_key_id, self.server.secret_access_key
         return env
@@ -101,6 +108,14 @@ class Where:
             Bucket=self.server.bucket, Prefix=prefix)
         keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
         return sorted({k[len(prefix):].split("/")[0] for k in keys if "/" in k[len(prefix):]})
+
+    def write(self, name: str, data: bytes) -> None:
+        """Replace an object or file under the checkpoint URI, outside fljob's code."""
+        if self.server is None:
+            (Path(self.uri) / name).write_bytes(data)
+            return
+        prefix = self.uri.removeprefix(f"s3://{self.server.bucket}/")
+        self.server.client().put_object(Bucket=self.server.bucket, Key=f"{prefix}/{name}", Body=data)
 
     def latest(self) -> str | None:
         raw = self.read("latest")
@@ -134,7 +149,8 @@ class Run:
     """One `fljob train` subprocess (under `fljob launch` for several ranks, which forwards
     signals to them), its output in a file (a full pipe would stall it)."""
 
-    def __init__(self, spec: Path, where: Where, *overrides: str, procs: int = 1) -> None:
+    def __init__(self, spec: Path, where: Where, *overrides: str, procs: int = 1,
+                 run_id: str | None = None) -> None:
         self.spec, self.where = spec, where
         self.log = spec.with_suffix(f".{time.monotonic_ns()}.log")
         sets = [a for o in overrides for a in ("--set", o)]
@@ -143,7 +159,7 @@ class Run:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fljob.cli", *(launch if procs > 1 else []), "train", str(spec),
              *sets], cwd=spec.parent,
-            env=where.env(), stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+            env=where.env(run_id), stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
     def output(self) -> str:
@@ -185,11 +201,20 @@ class Run:
         self.wait()
 
 
-def train(spec: Path, where: Where, *overrides: str, expect: int = OK, procs: int = 1) -> str:
-    run = Run(spec, where, *overrides, procs=procs)
+def train(spec: Path, where: Where, *overrides: str, expect: int = OK, procs: int = 1,
+          run_id: str | None = None) -> str:
+    run = Run(spec, where, *overrides, procs=procs, run_id=run_id)
     code = run.wait()
     assert code == expect, f"exit {code}, expected {expect}:\n{run.output[-3000:]}"
     return run.output
+
+
+def last_line(output: str) -> str:
+    """The CLI's one error line; the only line of the output that it prints."""
+    lines = output.strip().splitlines()
+    assert "Traceback" not in output, output[-3000:]
+    assert sum(line.startswith("fljob train:") for line in lines) == 1, output[-3000:]
+    return lines[-1]
 
 
 def records(spec: Path) -> list[dict[str, Any]]:
@@ -358,7 +383,8 @@ def test_a_trainer_killed_during_an_upload_resumes_from_the_last_commit(
     assert on_s3.latest() == f"step-{newest + 2}"
 
 
-def test_load_with_the_server_down_fails_with_one_clear_line(tmp_path: Path, on_s3: Where) -> None:
+def test_a_restart_with_the_server_down_fails_with_one_clear_line(tmp_path: Path, on_s3: Where) -> None:
+    """The first thing a run asks the store is the checkpoint location's lease."""
     spec = write_spec(tmp_path, on_s3, "noserver", steps=2, interval=2)
     train(spec, on_s3)
     on_s3.server.stop_daemon("proxy")
@@ -366,7 +392,50 @@ def test_load_with_the_server_down_fails_with_one_clear_line(tmp_path: Path, on_
         output = train(spec, on_s3, "training.steps=4", expect=FAILED)
     finally:
         on_s3.server.start_daemon("proxy")
-    last_line = output.strip().splitlines()[-1]
-    assert last_line.startswith(f"fljob train: cannot read checkpoints in {on_s3.uri} (")
-    assert "Traceback" not in output
+    assert last_line(output).startswith(f"fljob train: cannot lock the checkpoint location {on_s3.uri} "
+                                        "(EndpointConnectionError: Could not connect")
     assert_no_secret(on_s3, spec, output)
+
+
+# --------------------------------------------------------------------------- trust on resume
+
+
+def test_a_changed_spec_is_refused_or_resumed_as_it_deserves(tmp_path: Path) -> None:
+    """Another optimizer would load the saved state silently (every fljob optimizer keeps the
+    same state keys): refused with exit 2 and one line. More steps: resumed and logged."""
+    where = Where(tmp_path)
+    spec = write_spec(tmp_path, where, "changed", steps=4, interval=2, keep=3)
+    train(spec, where)
+    refused = train(spec, where, "optimizer.name=adamw", expect=USAGE)
+    assert last_line(refused) == (
+        f"fljob train: cannot resume {where.uri}/step-4: the spec changed what the checkpoint "
+        "depends on (optimizer.name 'adopt' -> 'adamw'); set the checkpoint's values again to "
+        "resume it, or start fresh with another checkpoint.uri (or another run_dir when "
+        "checkpoint.uri is unset)")
+    assert where.latest() == "step-4" and where.step_names() == ["step-2", "step-4"]
+
+    longer = train(spec, where, "training.steps=6")
+    assert re.search(r"Resuming \S+/step-4 with changed settings: .*training.steps 4 -> 6", longer)
+    assert re.search(r"Loading \S+/step-4\b", longer) and "Training starts at step 5" in longer
+    assert where.latest() == "step-6"
+    manifest = json.loads(where.read("step-6/manifest.json"))
+    assert manifest["compatibility"]["optimizer.name"] == "adopt"
+    assert manifest["compatibility"]["model.width"] == 64 and manifest["compatibility"]["vocab_size"] > 0
+
+
+def test_a_truncated_step_is_named_and_resume_falls_back(tmp_path: Path, where: Where) -> None:
+    spec = write_spec(tmp_path, where, "truncated", steps=4, interval=2, keep=3)
+    train(spec, where)
+    marker = json.loads(where.read("step-4/COMMITTED"))
+    shard = min(name for name in marker["sizes"] if name.endswith(".distcp"))
+    where.write(f"step-4/{shard}", where.read(f"step-4/{shard}")[:100])  # a truncated copy
+
+    again = train(spec, where, "training.steps=6")
+    assert (f"{where.uri}/step-4 is damaged ({shard} is 100 bytes, the commit recorded "
+            f"{marker['sizes'][shard]}"
+            ) in again
+    assert "resumes from step-2 instead" in again
+    assert re.search(r"Loading \S+/step-2\b", again) and "Training starts at step 3" in again
+    # step-4 was saved again from scratch, whole; retention kept the newest three commits.
+    assert where.latest() == "step-6" and where.step_names() == ["step-2", "step-4", "step-6"]
+    assert json.loads(where.read("step-4/COMMITTED"))["sizes"][shard] > 100

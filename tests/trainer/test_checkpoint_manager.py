@@ -8,6 +8,9 @@ only on CUDA.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,13 @@ pytest.importorskip("torchtitan", reason="torchtitan (the trainer extra) is not 
 
 import torch
 import torch.distributed as dist
+from test_writes import tmpfs as tmpfs  # noqa: PLC0414  (the real-tmpfs fixture, by its name)
 from torch import nn
 from torchtitan.components.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.config import Checkpoint as CheckpointConfig
 
+from fljob.errors import UsageError
 from fljob.spec.models import JobSpec
 from fljob.trainer.checkpoint import CheckpointError, FljobCheckpointManager, open_store
 
@@ -47,26 +52,34 @@ def world_of_one(tmp_path_factory: pytest.TempPathFactory):
     dist.destroy_process_group()
 
 
+COMPATIBILITY = {"optimizer.name": "adamw", "model.width": 16}
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: async staging from GPU memory untested"))]
 
 
-def build(tmp_path: Path, *, async_mode: str = "disabled", resume: bool = True,
-          keep: int = 2, device: str = "cpu") -> tuple[FljobCheckpointManager, nn.Module, Counter]:
+def build(tmp_path: Path, *, async_mode: str = "disabled", resume: bool = True, keep: int = 2,
+          device: str = "cpu", ckpt: Path | None = None, hidden: int = 16, lr: float = 1e-2,
+          foreach: bool = False, steps: int = 50, compatibility: dict[str, Any] = COMPATIBILITY,
+          ) -> tuple[FljobCheckpointManager, nn.Module, Counter]:
+    """A manager over a small model; ``ckpt`` defaults to ``tmp_path/ckpt``."""
+    ckpt = ckpt or tmp_path / "ckpt"
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)).to(device)
-    optimizers = OptimizersContainer([model], torch.optim.AdamW, {"lr": 1e-2})
+    model = nn.Sequential(nn.Linear(8, hidden), nn.Linear(hidden, 4)).to(device)
+    optimizers = OptimizersContainer([model], torch.optim.AdamW, {"lr": lr, "foreach": foreach})
     schedulers = LRSchedulersContainer(optimizers, lambda step: 1.0 / (1 + step))
     state = Counter()
     spec = JobSpec.model_validate({"name": "unit", "run_dir": str(tmp_path / "run"),
-                                   "checkpoint": {"uri": str(tmp_path / "ckpt"),
-                                                  "keep_latest": keep, "resume": resume}})
-    config = CheckpointConfig(enable=True, folder=str(tmp_path / "ckpt"), interval=1,
+                                   "optimizer": {"lr": lr}, "training": {"steps": steps},
+                                   "checkpoint": {"uri": str(ckpt), "keep_latest": keep,
+                                                  "resume": resume}})
+    config = CheckpointConfig(enable=True, folder=str(ckpt), interval=1,
                               async_mode=async_mode, last_save_model_only=False)
     manager = FljobCheckpointManager(
-        store=open_store(str(tmp_path / "ckpt"), spec), spec=spec, checkpoint_config=config,
-        keep_latest=keep, resume=resume, dataloader=Counter(), model_parts=[model],
-        optimizers=optimizers, lr_schedulers=schedulers, states={"train_state": state})
+        store=open_store(str(ckpt), spec), spec=spec, checkpoint_config=config,
+        keep_latest=keep, resume=resume, compatibility=compatibility, dataloader=Counter(),
+        model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
+        states={"train_state": state})
     return manager, model, state
 
 
@@ -139,7 +152,7 @@ def test_resume_off_refuses_a_location_with_commits(tmp_path: Path) -> None:
     manager.save(1, last_step=True)
     manager.close()
     again, _, _ = build(tmp_path, resume=False)
-    with pytest.raises(CheckpointError, match="already holds committed checkpoints"):
+    with pytest.raises(UsageError, match="already holds committed checkpoints"):
         again.load()
     again.close()
 
@@ -150,3 +163,159 @@ def test_a_missing_step_cannot_be_loaded_by_number(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="step-7 is not a committed checkpoint"):
         manager.load(7)
     manager.close()
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def test_a_second_run_on_the_same_location_is_refused_until_the_first_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLJOB_RUN_ID", "run-7")
+    first, model, state = build(tmp_path)
+    with pytest.raises(UsageError, match=(
+            rf"^checkpoint location {tmp_path}/ckpt is in use by run run-7 \(host \S+, pid "
+            rf"{os.getpid()}\) since \S+Z: wait for that run to end, or give this run another "
+            r"checkpoint.uri")):
+        build(tmp_path)
+    train_step(model, first, state)
+    first.save(1, last_step=True)  # the refused run changed nothing
+    first.close()
+    again, _, _ = build(tmp_path)  # closed: free again
+    assert again.load()
+    again.close()
+
+
+def test_a_run_whose_lock_file_was_removed_stops_before_writing(tmp_path: Path) -> None:
+    """Removing LOCK lets another run lock a new file: this one must not write any more."""
+    manager, model, state = build(tmp_path)
+    (tmp_path / "ckpt" / "LOCK").unlink()
+    train_step(model, manager, state)
+    with pytest.raises(CheckpointError, match="LOCK was removed while this run held it"):
+        manager.save(1)  # not the final save, still fatal
+    assert not (tmp_path / "ckpt" / "step-1").exists()
+    manager.close()
+
+
+# --------------------------------------------------------------------------- changed spec
+
+
+def saved_once(tmp_path: Path) -> None:
+    manager, model, state = build(tmp_path)
+    train_step(model, manager, state)
+    manager.save(1, last_step=True)
+    manager.close()
+
+
+def test_resume_refuses_what_the_checkpoint_depends_on(tmp_path: Path) -> None:
+    saved_once(tmp_path)
+    changed, model, state = build(tmp_path, compatibility={**COMPATIBILITY, "optimizer.name": "adopt"})
+    before = model[0].weight.clone()
+    with pytest.raises(UsageError, match=r"^cannot resume \S+/ckpt/step-1: the spec changed what the "
+                                         r"checkpoint depends on \(optimizer.name 'adamw' -> 'adopt'\)"):
+        changed.load()
+    assert torch.equal(model[0].weight, before) and state.step == 0  # nothing was loaded
+    changed.close()
+
+
+def test_resume_applies_or_warns_about_safe_changes(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """More steps apply; a new learning rate and another update path are allowed, but the
+    learning rate is the checkpoint's (it lives in the optimizer state: the log says so) while
+    the update path stays the running one."""
+    caplog.set_level(logging.INFO)
+    saved_once(tmp_path)
+    longer, _, state = build(tmp_path, steps=80, lr=5e-3, foreach=True)
+    assert longer.load() and state.step == 1
+    assert "with changed settings: training.steps 50 -> 80" in caplog.text
+    assert "with optimizer.lr 0.01 -> 0.005: no effect, the checkpoint restores its own value" in caplog.text
+    group = longer.states["optimizer"].optimizers[0].param_groups[0]
+    assert group["initial_lr"] == 1e-2 and group["foreach"] is True
+    longer.close()
+
+
+def test_a_checkpoint_without_a_record_resumes_with_a_warning(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    saved_once(tmp_path)
+    manifest_path = tmp_path / "ckpt" / "step-1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["compatibility"]  # as fljob wrote it before records existed
+    manifest_path.write_text(json.dumps(manifest))
+    marker = tmp_path / "ckpt" / "step-1" / "COMMITTED"
+    record = json.loads(marker.read_text())
+    record["sizes"]["manifest.json"] = manifest_path.stat().st_size
+    marker.write_text(json.dumps(record))
+    old, _, _ = build(tmp_path, compatibility={**COMPATIBILITY, "optimizer.name": "adopt"})
+    assert old.load()
+    assert "step-1 has no compatibility record" in caplog.text and "resuming anyway" in caplog.text
+    old.close()
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def test_a_damaged_newest_step_is_uncommitted_and_resume_falls_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    manager, model, state = build(tmp_path, keep=3)
+    for step in (1, 2):
+        train_step(model, manager, state)
+        manager.save(step)
+    manager.close()
+    shard = tmp_path / "ckpt" / "step-2" / "__0_0.distcp"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:size // 2])
+
+    fresh, _, fresh_state = build(tmp_path, keep=3)
+    assert fresh.load() and fresh_state.step == 1
+    assert (f"step-2 is damaged (__0_0.distcp is {size // 2} bytes, the commit recorded {size}): it "
+            "no longer counts as committed (its marker is removed) and this run resumes from "
+            "step-1 instead") in caplog.text
+    assert not (tmp_path / "ckpt" / "step-2" / "COMMITTED").exists()
+    assert latest(tmp_path) == "step-1"
+    fresh.save(2)  # saved again from scratch: the damaged files are cleared first
+    assert latest(tmp_path) == "step-2" and fresh.store.damage(2, fresh.store.commit_record(2)) is None
+    fresh.close()
+
+
+def test_with_no_intact_step_the_run_stops_and_changes_nothing(tmp_path: Path) -> None:
+    saved_once(tmp_path)
+    (tmp_path / "ckpt" / "step-1" / ".metadata").unlink()
+    fresh, _, _ = build(tmp_path)
+    with pytest.raises(CheckpointError, match=r"no intact committed checkpoint in \S+: step-1 is "
+                                              r"damaged \(.metadata is missing\); restore the files"):
+        fresh.load()
+    with pytest.raises(CheckpointError, match=r"step-1 is damaged: .metadata is missing"):
+        fresh.load(1)
+    assert (tmp_path / "ckpt" / "step-1" / "COMMITTED").exists() and latest(tmp_path) == "step-1"
+    fresh.close()
+
+
+def test_a_save_that_runs_out_of_space_leaves_nothing_behind(
+        tmp_path: Path, tmpfs, caplog: pytest.LogCaptureFixture) -> None:
+    """On a real full tmpfs: the failed save's partial step is removed, so once some space is
+    back the next save fits; left behind, it would hold more than the filler freed."""
+    hidden = 16384  # a ~1.2 MB checkpoint: its bytes, not tmpfs pages, decide what fits
+    probe, model, state = build(tmp_path / "probe", hidden=hidden)
+    train_step(model, probe, state)
+    probe.save(1, last_step=True)
+    probe.close()
+    size = sum(f.stat().st_size for f in (tmp_path / "probe" / "ckpt" / "step-1").iterdir())
+
+    caplog.set_level(logging.INFO)
+    disk = tmpfs(size=f"{size * 3 // 2 // 1024}k")
+    filler = disk / "filler"
+    filler.write_bytes(bytes(size * 7 // 10))  # 0.8 of a checkpoint left: the save cannot fit
+    manager, model, state = build(tmp_path, ckpt=disk / "ckpt", hidden=hidden)
+    try:  # closed whatever happens: its LOCK file would keep the mount busy
+        train_step(model, manager, state)
+        manager.save(1)
+        # torch.save reports the full disk as "unexpected pos ..."; the free space says what it was.
+        assert re.search(rf"step-1 was not committed \(rank 0: .*; 0\.\d MiB free in {disk}/ckpt\)",
+                         caplog.text)
+        assert f"Removed the partial {disk}/ckpt/step-1" in caplog.text
+        assert not (disk / "ckpt" / "step-1").exists()
+        filler.unlink()  # 0.7 of a checkpoint freed: enough only without the partial step
+        train_step(model, manager, state)
+        manager.save(2)
+        assert (disk / "ckpt" / "latest").read_text().strip() == "step-2"
+    finally:
+        manager.close()

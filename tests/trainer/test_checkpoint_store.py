@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("torchtitan", reason="torchtitan (the trainer extra) is not installed")
 
+from test_writes import tmpfs as tmpfs  # noqa: PLC0414  (the real-tmpfs fixture, by its name)
+
 from fljob.trainer.checkpoint.store import (
     COMMIT_MARKER,
     DCP_METADATA,
@@ -117,3 +119,47 @@ def test_error_lines_are_one_line_and_mask_secrets() -> None:
     line = describe_error(wrapped, [secret])
     assert line.startswith("rank 0: OSError: upload refused")
     assert "\n" not in line and secret not in line and "***" in line
+
+
+def test_the_marker_records_every_file_and_its_size(tmp_path: Path) -> None:
+    saved(tmp_path, 5)
+    record = json.loads((tmp_path / "step-5" / COMMIT_MARKER).read_text())
+    assert record["sizes"] == {"__0_0.distcp": 105, DCP_METADATA: 4}
+
+
+def test_damage_names_the_first_wrong_file(tmp_path: Path) -> None:
+    store = saved(tmp_path, 5)
+    record = store.commit_record(5)
+    assert store.damage(5, record) is None
+    shard = tmp_path / "step-5" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:50])  # a truncated copy
+    assert store.damage(5, record) == "__0_0.distcp is 50 bytes, the commit recorded 105"
+    (tmp_path / "step-5" / DCP_METADATA).unlink()
+    assert store.damage(5, record) == ".metadata is missing (and 1 more files differ)"
+
+
+def test_damage_under_a_marker_without_sizes_checks_the_shard_totals(tmp_path: Path) -> None:
+    """Markers written before per-file sizes: the shards' count and bytes, and .metadata."""
+    store = saved(tmp_path, 5)
+    record = {k: v for k, v in store.commit_record(5).items() if k != "sizes"}
+    assert store.damage(5, record) is None
+    (tmp_path / "step-5" / "__0_0.distcp").write_bytes(b"x")
+    assert store.damage(5, record) == ("its shards are 1 files of 1 bytes, the commit recorded 1 "
+                                       "files of 105 bytes")
+    (tmp_path / "step-5" / DCP_METADATA).unlink()
+    assert store.damage(5, record) == ".metadata is missing"
+
+
+def test_a_file_where_a_step_folder_belongs_is_no_step(tmp_path: Path) -> None:
+    (tmp_path / "step-3").write_text("stray")
+    store = CheckpointStore(str(tmp_path))
+    assert store.files(3) == {} and store.steps() == []
+
+
+def test_a_write_that_runs_out_of_space_leaves_no_half_file(tmpfs) -> None:
+    """On a real full tmpfs: `latest` or a marker that does not fit leaves nothing behind."""
+    disk = tmpfs(size="64k")
+    store = CheckpointStore(str(disk))
+    with pytest.raises(OSError, match="No space left on device"):
+        store.write_object(LATEST, bytes(128 * 1024))
+    assert list(disk.iterdir()) == []

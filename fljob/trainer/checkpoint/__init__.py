@@ -11,6 +11,7 @@ import os
 from typing import TYPE_CHECKING
 
 from fljob.spec.models import JobSpec
+from fljob.trainer.checkpoint.compat import compatibility_record
 from fljob.trainer.checkpoint.manager import FljobCheckpointManager
 from fljob.trainer.checkpoint.store import (
     CheckpointError,
@@ -36,7 +37,8 @@ def open_store(uri: str, spec: JobSpec) -> CheckpointStore:
 
 def build_checkpointer(trainer: Trainer) -> FljobCheckpointManager:
     """fljob's checkpointer over ``trainer``'s states, configured by the job config's
-    checkpoint section (made from ``spec.checkpoint`` by :func:`build_job_config`)."""
+    checkpoint section (made from ``spec.checkpoint`` by :func:`build_job_config`). Rank 0
+    holds the checkpoint location's lock from here until the checkpointer closes."""
     config = trainer.job_config.checkpoint
     spec = job_spec(trainer.job_config)
     store = open_store(config.folder, spec)
@@ -46,6 +48,7 @@ def build_checkpointer(trainer: Trainer) -> FljobCheckpointManager:
         checkpoint_config=dataclasses.replace(config, enable=True, folder=store.uri),
         keep_latest=spec.checkpoint.keep_latest,
         resume=spec.checkpoint.resume,
+        compatibility=compatibility_record(spec, trainer.model_args),
         dataloader=trainer.dataloader,
         model_parts=trainer.model_parts,
         optimizers=trainer.optimizers,

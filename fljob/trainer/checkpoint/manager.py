@@ -10,21 +10,35 @@ treats any ``step-N`` with a ``.metadata`` as good):
 * after DCP returns (so every rank's shards and the ``.metadata`` exist) rank 0 writes the
   manifest, the commit marker and then ``latest`` (:class:`.store.CheckpointStore`), and
   tells every rank whether the step committed;
-* a failed save is one error line naming the URI and the cause; training goes on and the
-  next save tries again. Only the final or pre-requeue save is fatal, because exiting as if
-  it had committed would lose work silently;
+* a failed save is one error line naming the URI and the cause; rank 0 removes what it left
+  (a save that ran out of space must not keep the space the next one needs), training goes
+  on and the next save tries again. Only the final or pre-requeue save is fatal, because
+  exiting as if it had committed would lose work silently;
+* rank 0 holds the location's lock for the whole run (:mod:`.lock`), checks it before every
+  save and commit, and clears whatever an earlier attempt left under the step it saves;
 * resume reads ``latest``, checks the marker, falls back to the newest committed step, and
-  never loads an uncommitted one; retention counts committed steps only.
+  never loads an uncommitted one; retention counts committed steps only;
+* the step to resume is checked before DCP reads it: its files against the sizes its marker
+  recorded, and its manifest's compatibility record against the current spec
+  (:mod:`.compat`). A damaged step is logged, loses its marker (so it no longer counts as
+  committed) and resume falls back to the newest intact committed step; with none intact,
+  or when the spec changed what the checkpoint depends on, the run stops before loading.
+
+Every refusal or failure reaches every rank as the same exception (rank 0 decides, the
+others hear it): :class:`fljob.errors.UsageError` (exit 2) for what the user must change (a
+held lock, an incompatible spec), :class:`.store.CheckpointError` (exit 1) otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,10 +48,15 @@ from torchtitan.config import Checkpoint as CheckpointConfig
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import GarbageCollection
 
+from fljob.errors import UsageError
+from fljob.spec.loader import dump_spec
 from fljob.spec.models import JobSpec
+from fljob.trainer.checkpoint.compat import compare
 from fljob.trainer.checkpoint.dcp_storage import storage_reader, storage_writer
+from fljob.trainer.checkpoint.lock import CheckpointLock, lock_for
 from fljob.trainer.checkpoint.manifest import build_manifest
 from fljob.trainer.checkpoint.store import (
+    COMMIT_MARKER,
     MANIFEST,
     CheckpointError,
     CheckpointStore,
@@ -46,17 +65,24 @@ from fljob.trainer.checkpoint.store import (
 )
 from fljob.trainer.metrics.prometheus import record_checkpoint
 
+T = TypeVar("T")
+UPDATE_PATH_KEYS = ("foreach", "fused")
+"""Optimizer group entries that say how this process computes a step, not what was learned:
+kept from the current run when a checkpoint's groups are loaded (a fused group saved on a GPU
+must not reach a CPU run)."""
+
 
 class FljobCheckpointManager(CheckpointManager):
     """A ``CheckpointManager`` for :class:`CheckpointStore` locations; built by
     :func:`fljob.trainer.checkpoint.build_checkpointer`."""
 
     def __init__(self, *, store: CheckpointStore, spec: JobSpec, checkpoint_config: CheckpointConfig,
-                 keep_latest: int, resume: bool, **components: Any) -> None:
+                 keep_latest: int, resume: bool, compatibility: Mapping[str, Any],
+                 **components: Any) -> None:
         # torchtitan's own retention counts uncommitted steps too: off, ours replaces it.
         super().__init__(checkpoint_config=dataclasses.replace(checkpoint_config, keep_latest_k=0),
                          sd_adapter=None, base_folder="", **components)
-        self.store, self.spec = store, spec
+        self.store, self.spec, self.compatibility = store, spec, dict(compatibility)
         self.keep_latest, self.resume = keep_latest, resume
         self.folder = store.uri
         self.committed_step: int | None = None  # newest step committed or loaded by this run
@@ -69,6 +95,33 @@ class FljobCheckpointManager(CheckpointManager):
         self.async_error: str | None = None
         self.committed_bytes = 0  # shard bytes of the newest commit (rank 0), for metrics
         self.async_committed = threading.Event()
+        self.lock: CheckpointLock | None = None  # rank 0's
+        self._on_rank0(self._take_lock, f"cannot lock the checkpoint location {store.uri}")
+
+    def _take_lock(self) -> None:
+        self.lock = lock_for(self.store)
+        self.lock.acquire()
+
+    def _on_rank0(self, action: Callable[[], T], failure: str) -> T:
+        """Run ``action`` on rank 0 and give every rank its outcome: the value, or the same
+        exception (UsageError stays one; any other becomes a CheckpointError that starts
+        with ``failure`` unless it is one already)."""
+        outcome: list[Any] = [None, None, None]  # value, kind, message
+        if self.rank == 0:
+            try:
+                outcome[0] = action()
+            except UsageError as exc:
+                outcome[1:] = [UsageError, str(exc)]
+            except CheckpointError as exc:
+                outcome[1:] = [CheckpointError, str(exc)]
+            except Exception as exc:  # noqa: BLE001  (botocore, aiohttp, OSError...: one line)
+                outcome[1:] = [CheckpointError, f"{failure} ({describe_error(exc, self.store.secrets)})"]
+        if self.world_size > 1:
+            dist.broadcast_object_list(outcome, src=0, group=self.pg)
+        value, kind, message = outcome
+        if kind is not None:
+            raise kind(message)
+        return value
 
     # ------------------------------------------------------------------ DCP seams
 
@@ -107,29 +160,83 @@ class FljobCheckpointManager(CheckpointManager):
         checkpoint_id = self.store.step_uri(curr_step)
         logger.info(f"Saving {checkpoint_id}")
         begin = time.monotonic()
-        states = self._flattened_model_states_sd()
-        manifest = build_manifest(self.spec, step=curr_step, world_size=self.world_size,
-                                  rank_tokens_seen=int(self.states["train_state"].ntokens_seen))
+        # Fatal when the lock is no longer ours: another run writes here now.
+        error = self._on_rank0(lambda: self._clear(curr_step), f"cannot save {checkpoint_id}")
+        written = error is None  # else the store is out of reach: nothing to remove either
         asynchronous = self.async_mode == AsyncMode.ASYNC and not last_step
-        error = None
-        try:
-            future = self.dcp_save(states, checkpoint_id, AsyncMode.ASYNC if asynchronous
-                                   else AsyncMode.DISABLED, enable_garbage_collection=True)
-        except BaseException as exc:  # DCP's CheckpointException is a BaseException
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            error = describe_error(exc, self.store.secrets)
+        manifest = build_manifest(self.spec, step=curr_step, world_size=self.world_size,
+                                  rank_tokens_seen=int(self.states["train_state"].ntokens_seen),
+                                  compatibility=self.compatibility)
+        if error is None:
+            try:
+                future = self.dcp_save(self._flattened_model_states_sd(), checkpoint_id,
+                                       AsyncMode.ASYNC if asynchronous else AsyncMode.DISABLED,
+                                       enable_garbage_collection=True)
+            except BaseException as exc:  # DCP's CheckpointException is a BaseException
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
+                error = describe_error(exc, self.store.secrets)
         if asynchronous and error is None:
             self._commit_when_done(curr_step, manifest, future, begin)
             return
         if error is None and self.rank == 0:
             error = self._commit(curr_step, manifest)
-        error = self._agree(error)
+        error = self._agree(self._with_free_space(error) if self.rank == 0 else error)
+        if error is not None and written and self.rank == 0:
+            self._discard(curr_step)
         self._report(curr_step, error, begin, fatal=last_step)
+
+    def _clear(self, step: int) -> str | None:
+        """Rank 0, before a save: the lock must still be ours (CheckpointError otherwise: the
+        run stops), and ``step`` must start empty (DCP must not mix its files with an earlier
+        attempt's). The error line when the store cannot be reached (this save fails, the run
+        goes on), else None."""
+        try:
+            self.lock.check()
+            left = self.store.files(step)
+            if left:
+                state = "committed, but this run resumed from an older step" \
+                    if COMMIT_MARKER in left else "never committed"
+                logger.warning(f"Removing {self.store.step_uri(step)}, left by an earlier attempt "
+                               f"({state}), before saving that step again")
+                self.store.remove_step(step)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (the store may be down: this save fails)
+            return describe_error(exc, self.store.secrets)
+        return None
+
+    def _with_free_space(self, error: str | None) -> str | None:
+        """A failed local write with the free space added: torch.save reports a full disk as
+        "unexpected pos 704 vs 598", which says nothing to a person."""
+        if error is None or not self.store.local:
+            return error
+        try:
+            free = shutil.disk_usage(self.store.uri).free
+        except OSError:
+            return error
+        return f"{error}; {free / 2**20:.1f} MiB free in {self.store.uri}"
+
+    def _discard(self, step: int) -> None:
+        """Rank 0, after a failed save: remove what it left, marker first, so that it neither
+        counts nor keeps the space the next save needs. Not when the lock is lost: the step
+        may be another run's now."""
+        try:
+            self.lock.check()
+            if self.store.files(step):
+                self.store.remove_step(step)
+                logger.info(f"Removed the partial {self.store.step_uri(step)}")
+        except CheckpointError as exc:
+            logger.warning(f"Left the partial {self.store.step_uri(step)} alone: {exc}")
+        except Exception as exc:  # noqa: BLE001  (retention removes it after the next commit)
+            logger.warning(f"Could not remove the partial {self.store.step_uri(step)} "
+                           f"({describe_error(exc, self.store.secrets)}); retention removes it "
+                           "after the next commit")
 
     def _commit(self, step: int, manifest: dict[str, Any]) -> str | None:
         """Rank 0: manifest, marker, ``latest``, retention. The error line, or None."""
         try:
+            self.lock.check()  # a save can outlast a lease: commit only while it is ours
             self.store.write_object(f"{step_name(step)}/{MANIFEST}", _json(manifest))
             marker = self.store.commit(step, {"time": manifest["time"],
                                               "world_size": self.world_size,
@@ -184,6 +291,9 @@ class FljobCheckpointManager(CheckpointManager):
                 error = describe_error(exc, self.store.secrets) if exc is not None else None
                 if error is None and self.rank == 0:
                     error = self._commit(step, manifest)
+                if error is not None and self.rank == 0:
+                    error = self._with_free_space(error)
+                    self._discard(step)
                 self.async_error = error
                 if self.rank == 0:
                     try:
@@ -212,35 +322,32 @@ class FljobCheckpointManager(CheckpointManager):
         self.save_future = self.pending_step = None
 
     def close(self) -> None:
-        if self.enable:
-            self._async_wait()
-        super().close()
+        """Wait for a save in flight, then give the lock back (also when that wait fails).
+        Safe to call twice, and on a manager whose construction failed."""
+        try:
+            if self.enable and hasattr(self, "async_committed"):
+                self._async_wait()
+            super().close()
+        finally:
+            lock = getattr(self, "lock", None)
+            if lock is not None:
+                lock.release()
 
     # ------------------------------------------------------------------ load
 
     @torch.no_grad()
     def load(self, step: int = -1) -> bool:
-        """Load the newest committed step (or ``step``); False when there is none."""
+        """Load the newest intact committed step (or ``step``); False when there is none."""
         if not self.enable:
             return False
-        chosen, error = None, None
-        if self.rank == 0:
-            try:
-                chosen, error = self._choose_step(step)
-            except Exception as exc:  # noqa: BLE001  (any storage error: one line, every rank)
-                error = (f"cannot read checkpoints in {self.store.uri} "
-                         f"({describe_error(exc, self.store.secrets)})")
-        verdict = [chosen, error]
-        if self.world_size > 1:
-            dist.broadcast_object_list(verdict, src=0, group=self.pg)
-        chosen, error = verdict
-        if error:
-            raise CheckpointError(error)
+        chosen = self._on_rank0(lambda: self._choose_step(step),
+                                f"cannot read checkpoints in {self.store.uri}")
         if chosen is None:
             return False
         checkpoint_id = self.store.step_uri(chosen)
         logger.info(f"Loading {checkpoint_id}")
         begin = time.monotonic()
+        update_paths = self._update_paths()
         try:
             self.dcp_load(self._states_to_load(model_only=False), checkpoint_id,
                           from_hf=False, from_quantized=False)
@@ -249,24 +356,106 @@ class FljobCheckpointManager(CheckpointManager):
                 raise
             raise CheckpointError(f"loading {checkpoint_id} failed "
                                   f"({describe_error(exc, self.store.secrets)})") from None
+        self._restore_update_paths(update_paths)
         GarbageCollection.collect("GC collection for checkpoint loading.")
         self.committed_step = chosen
         logger.info(f"Loaded {checkpoint_id} in {time.monotonic() - begin:.2f} s")
         return True
 
-    def _choose_step(self, step: int) -> tuple[int | None, str | None]:
+    def _update_paths(self) -> list[list[dict[str, Any]]]:
+        """Each optimizer group's :data:`UPDATE_PATH_KEYS` as this run built them."""
+        return [[{k: g[k] for k in UPDATE_PATH_KEYS if k in g} for g in optimizer.param_groups]
+                for optimizer in self.states["optimizer"].optimizers]
+
+    def _restore_update_paths(self, paths: list[list[dict[str, Any]]]) -> None:
+        for optimizer, groups in zip(self.states["optimizer"].optimizers, paths, strict=True):
+            for group, keys in zip(optimizer.param_groups, groups, strict=True):
+                group.update(keys)
+
+    def _choose_step(self, step: int) -> int | None:
+        """Rank 0: the step to load, checked (intact, compatible with the spec); None for a
+        fresh start. Raises what every rank must raise."""
         if step >= 0:
-            if self.store.is_committed(step):
-                return step, None
-            return None, f"{self.store.step_uri(step)} is not a committed checkpoint"
-        if self.resume:
-            return self.store.latest_step(), None
-        committed = self.store.committed_steps()
-        if committed:
-            return None, (f"{self.store.uri} already holds committed checkpoints (newest "
-                          f"{step_name(committed[-1])}) and checkpoint.resume is false: set "
-                          "resume to true, or point checkpoint.uri at an empty location")
-        return None, None
+            record = self.store.commit_record(step)
+            if record is None:
+                raise CheckpointError(f"{self.store.step_uri(step)} is not a committed checkpoint")
+            damage = self.store.damage(step, record)
+            if damage:
+                raise CheckpointError(f"{self.store.step_uri(step)} is damaged: {damage}; restore "
+                                      "it, or load another step")
+            chosen: int | None = step
+        elif self.resume:
+            chosen = self._newest_intact()
+        else:
+            committed = self.store.committed_steps()
+            if committed:
+                raise UsageError(f"{self.store.uri} already holds committed checkpoints (newest "
+                                 f"{step_name(committed[-1])}) and checkpoint.resume is false: set "
+                                 "resume to true, or point checkpoint.uri at an empty location")
+            chosen = None
+        if chosen is not None:
+            self._check_compatibility(chosen)
+        return chosen
+
+    def _newest_intact(self) -> int | None:
+        """``latest``'s step when its files are as its marker recorded; else the newest older
+        committed step that is, once every newer damaged one lost its marker (logged). With
+        no intact step at all nothing is changed and the run stops."""
+        latest = self.store.latest_step()
+        if latest is None:
+            return None
+        damaged: list[tuple[int, str]] = []
+        for step in self._resume_candidates(latest):
+            record = self.store.commit_record(step)
+            why = self.store.damage(step, record) if record else "its commit marker vanished"
+            if why is None:
+                break
+            damaged.append((step, why))
+        else:
+            first, why = damaged[0]
+            more = f" and {len(damaged) - 1} older steps too" if len(damaged) > 1 else ""
+            raise CheckpointError(f"no intact committed checkpoint in {self.store.uri}: "
+                                  f"{step_name(first)} is damaged ({why}){more}; restore the "
+                                  "files, or start fresh with another checkpoint.uri")
+        for bad, why in damaged:
+            logger.warning(f"{self.store.step_uri(bad)} is damaged ({why}): it no longer counts as "
+                           f"committed (its marker is removed) and this run resumes from "
+                           f"{step_name(step)} instead")
+            self.store.uncommit(bad)
+        if damaged:
+            self.store.point_latest(step)
+        return step
+
+    def _resume_candidates(self, latest: int) -> Iterator[int]:
+        """``latest``, then the older committed steps, newest first (listed only if needed)."""
+        yield latest
+        yield from reversed([s for s in self.store.committed_steps() if s < latest])
+
+    def _check_compatibility(self, step: int) -> None:
+        """Refuse a step the current spec cannot resume; log what changed that may."""
+        raw = self.store.read_object(f"{step_name(step)}/{MANIFEST}")
+        try:
+            manifest = json.loads(raw) if raw is not None else {}
+        except ValueError:
+            manifest = {}
+        step_uri = self.store.step_uri(step)
+        result = compare(manifest if isinstance(manifest, dict) else {}, self.compatibility,
+                         dump_spec(self.spec))
+        if result.incompatible:
+            raise UsageError(result.refusal(step_uri))
+        if len(result.unrecorded) == len(self.compatibility):
+            logger.warning(f"{step_uri} has no compatibility record (an older fljob wrote it, or "
+                           "its manifest is unreadable): the spec cannot be checked against it; "
+                           "resuming anyway")
+        elif result.unrecorded:
+            logger.warning(f"{step_uri} does not record {', '.join(result.unrecorded)}: not checked")
+        if result.kept:
+            logger.warning(f"Resuming {step_uri} with {', '.join(map(str, result.kept))}: no "
+                           "effect, the checkpoint restores its own value (start fresh to use "
+                           "the new one)")
+        if result.applied:
+            logger.info(f"Resuming {step_uri} with changed settings: "
+                        f"{', '.join(map(str, result.applied))}")
 
 
 def _json(data: dict[str, Any]) -> bytes:

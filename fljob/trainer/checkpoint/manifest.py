@@ -1,4 +1,5 @@
-"""``step-<N>/manifest.json``: enough to reproduce the run that wrote a checkpoint.
+"""``step-<N>/manifest.json``: enough to reproduce the run that wrote a checkpoint, and to
+tell whether another spec may resume it (its compatibility record, :mod:`.compat`).
 
 The resolved spec is the one the renderers ship (:func:`fljob.spec.loader.dump_spec`): it
 holds credential *references* only, never values. Versions, the git commit and the image
@@ -11,6 +12,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Mapping
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -43,10 +45,11 @@ def git_sha() -> str | None:
     return os.environ.get("FLJOB_GIT_SHA")
 
 
-def build_manifest(spec: JobSpec, *, step: int, world_size: int,
-                   rank_tokens_seen: int) -> dict[str, Any]:
+def build_manifest(spec: JobSpec, *, step: int, world_size: int, rank_tokens_seen: int,
+                   compatibility: Mapping[str, Any]) -> dict[str, Any]:
     """``rank_tokens_seen`` is the trainer's own counter: tokens this rank consumed (the
-    metrics' ``tokens_seen`` sums it over the data-parallel ranks)."""
+    metrics' ``tokens_seen`` sums it over the data-parallel ranks). ``compatibility`` is
+    what a resume compares with its own spec (:mod:`.compat`)."""
     versions = {p: _version(p) for p in _PACKAGES}
     versions["python"] = platform.python_version()
     return {
@@ -58,5 +61,6 @@ def build_manifest(spec: JobSpec, *, step: int, world_size: int,
         "image": spec.image,
         "git_sha": git_sha(),
         "versions": versions,
+        "compatibility": dict(compatibility),
         "spec": dump_spec(spec),
     }

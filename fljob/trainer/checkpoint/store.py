@@ -4,8 +4,10 @@ Layout under the checkpoint URI (an ``s3://`` prefix, a ``file://`` URI or a pat
 
     step-<N>/                DCP's shards (``__<rank>_<i>.distcp``) and its ``.metadata``
     step-<N>/manifest.json   what produced the step (spec, versions, git SHA, image, world size)
-    step-<N>/COMMITTED       JSON written last, by rank 0, once every rank's shards landed
+    step-<N>/COMMITTED       JSON written last, by rank 0, once every rank's shards landed;
+                             it records the size of every file of the step
     latest                   the name of the newest committed step ("step-<N>")
+    LOCK                     who writes here now (:mod:`.lock`)
 
 Object stores have no rename and no transaction; what they do have is atomic object creation
 (a single PUT either exists whole or not at all). So a step counts only once its small commit
@@ -13,10 +15,15 @@ marker exists, ``latest`` is rewritten with one PUT (locally: write-then-rename)
 marker, and readers trust ``latest`` only after checking the marker it names, falling back to
 the newest committed step when it is missing or broken. Retention counts committed steps only,
 so failed saves can never push the last good checkpoint out of the window.
+
+A committed step is still checked before it is loaded (:meth:`CheckpointStore.damage`): a file
+the marker lists that is now missing or of another size (a truncated copy, a lost object)
+names the step as damaged instead of failing somewhere inside DCP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,6 +45,7 @@ STEP_PREFIX = "step-"
 COMMIT_MARKER = "COMMITTED"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+LOCK = "LOCK"
 DCP_METADATA = ".metadata"
 _STEP_NAME = re.compile(rf"^{STEP_PREFIX}(\d+)$")
 
@@ -129,11 +137,16 @@ class CheckpointStore:
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):  # a full disk must not keep the half file
+                    os.unlink(tmp)
+                raise
         else:
             self.fs.pipe_file(path, data)
 
@@ -161,14 +174,15 @@ class CheckpointStore:
         return sorted(int(m.group(1)) for m in found if m)
 
     def files(self, step: int) -> dict[str, int]:
-        """Name -> size of the objects of ``step``."""
+        """Name -> size of the objects of ``step`` (none when ``step-<N>`` is not a folder)."""
         self.refresh()
+        folder = self._path(step_name(step))
         try:
-            listing = self.fs.ls(self._path(step_name(step)), detail=True)
-        except FileNotFoundError:
+            listing = self.fs.ls(folder, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
             return {}
         return {os.path.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
-                for e in listing if e.get("type") != "directory"}
+                for e in listing if e.get("type") != "directory" and e["name"].rstrip("/") != folder}
 
     def commit_record(self, step: int) -> dict[str, Any] | None:
         """The parsed commit marker of ``step``, or None when it is absent or unreadable."""
@@ -194,12 +208,57 @@ class CheckpointStore:
         if DCP_METADATA not in files:
             raise FileNotFoundError(f"{self.step_uri(step)}/{DCP_METADATA} is missing: the DCP save "
                                     "did not finish")
+        files.pop(COMMIT_MARKER, None)
         shards = {n: s for n, s in files.items() if n.endswith(".distcp")}
-        body = {"step": step, **record, "files": len(shards), "bytes": sum(shards.values())}
+        body = {"step": step, **record, "files": len(shards), "bytes": sum(shards.values()),
+                "sizes": files}
         self.write_object(f"{step_name(step)}/{COMMIT_MARKER}",
                           json.dumps(body, indent=1, sort_keys=True).encode())
-        self.write_object(LATEST, (step_name(step) + "\n").encode())
+        self.point_latest(step)
         return body
+
+    def point_latest(self, step: int) -> None:
+        self.write_object(LATEST, (step_name(step) + "\n").encode())
+
+    def uncommit(self, step: int) -> None:
+        """Make ``step`` count as uncommitted (its files stay, like a failed save's)."""
+        self.fs.rm_file(self._path(step_name(step), COMMIT_MARKER))
+
+    def size(self, name: str) -> int | None:
+        """The size of one object, asked for directly: a listing may lag behind writes."""
+        path = self._path(name)
+        self.fs.invalidate_cache(path)
+        try:
+            return int(self.fs.size(path))
+        except FileNotFoundError:
+            return None
+
+    def damage(self, step: int, record: Mapping[str, Any]) -> str | None:
+        """What is wrong with the files of committed ``step`` (its marker is ``record``); None
+        when every file the marker lists has its recorded size. Markers written before
+        per-file sizes record the shards' count and total bytes only."""
+        listing = self.files(step)
+        sizes = record.get("sizes")
+        if not isinstance(sizes, Mapping):
+            shards = [size for name, size in listing.items() if name.endswith(".distcp")]
+            if DCP_METADATA not in listing:
+                return f"{DCP_METADATA} is missing"
+            if (len(shards), sum(shards)) != (record.get("files"), record.get("bytes")):
+                return (f"its shards are {len(shards)} files of {sum(shards)} bytes, the commit "
+                        f"recorded {record.get('files')} files of {record.get('bytes')} bytes")
+            return None
+        wrong = []
+        for name, expected in sorted(sizes.items()):
+            if listing.get(name) == expected:
+                continue
+            actual = self.size(f"{step_name(step)}/{name}")
+            if actual is None:
+                wrong.append(f"{name} is missing")
+            elif actual != expected:
+                wrong.append(f"{name} is {actual} bytes, the commit recorded {expected}")
+        if not wrong:
+            return None
+        return wrong[0] + (f" (and {len(wrong) - 1} more files differ)" if len(wrong) > 1 else "")
 
     def latest_step(self) -> int | None:
         """The step to resume from: ``latest`` when it names a committed step, else the newest
