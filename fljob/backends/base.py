@@ -251,15 +251,23 @@ class Backend(Protocol):
     def cancel(self, handle: Handle) -> None: ...
 
 
+WANDB_KEY_ENV = "WANDB_API_KEY"
+
+
 def secret_refs(spec: JobSpec) -> dict[str, SecretRef]:
-    """Every variable the job sets from a secret reference: storage credentials and secret_env."""
-    return {**spec.storage.credential_refs(), **spec.secret_env}
+    """Every variable the job sets from a secret reference: storage credentials, the W&B key and
+    secret_env."""
+    wandb = spec.metrics.wandb
+    key = {WANDB_KEY_ENV: wandb.api_key} if wandb is not None and wandb.api_key is not None else {}
+    return {**spec.storage.credential_refs(), **key, **spec.secret_env}
 
 
 def secret_field(spec: JobSpec, target: str) -> str:
     """The spec field that declares the secret reference for environment variable `target`."""
     if target in spec.secret_env:
         return f"secret_env.{target}"
+    if target == WANDB_KEY_ENV:
+        return "metrics.wandb.api_key"
     names = {"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key",
              "AWS_SESSION_TOKEN": "session_token"}
     return f"storage.{names[target]}"

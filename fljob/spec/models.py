@@ -549,6 +549,26 @@ class Pushgateway(Strict):
     interval_seconds: float = Field(15.0, gt=0)
 
 
+class WandB(Strict):
+    """Weights & Biases, beside Prometheus: one W&B run per fljob run, kept across requeues."""
+
+    project: str = Field(description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user); unset: the key's default.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline writes the run under <run_dir>/wandb for `wandb sync` later.")
+    api_key: SecretRef | None = Field(
+        None, description="Where the API key is (a reference, never the value); becomes WANDB_API_KEY. "
+                          "Needed online.")
+    tags: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _key_online(self) -> WandB:
+        if self.mode == "online" and self.api_key is None:
+            raise ValueError("metrics.wandb.mode online needs api_key: a reference such as {env: WANDB_API_KEY} "
+                             "(or use mode: offline)")
+        return self
+
+
 class Metrics(Strict):
     enabled: bool = True
     port: int = Field(9464, ge=1024, le=65535, description="Rank 0 serves /metrics here.")
@@ -557,6 +577,17 @@ class Metrics(Strict):
     file_sd_dir: str | None = Field(
         None, description="SLURM: shared folder where the job writes its Prometheus file_sd target."
     )
+    tensorboard: str | None = Field(
+        None, description="TensorBoard log folder or s3:// URI; the run writes <tensorboard>/<run id>, the "
+                          "same folder across requeues and resumes.")
+    wandb: WandB | None = Field(None, description="Weights & Biases: project, entity, mode, API key reference.")
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v and v.split("://", 1)[0] not in ("s3", "file"):
+            raise ValueError(f"metrics.tensorboard {v!r} must be a folder, file://... or s3://...")
+        return v
 
 
 class Storage(Strict):
@@ -734,9 +765,12 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:
-        overlap = set(self.env) & (set(self.secret_env) | set(self.storage.credential_refs()))
+        wandb_key = {"WANDB_API_KEY"} if self.metrics.wandb and self.metrics.wandb.api_key else set()
+        overlap = (set(self.env) | set(self.secret_env)) & (set(self.storage.credential_refs()) | wandb_key) \
+            | set(self.env) & set(self.secret_env)
         if overlap:
-            raise ValueError(f"env sets {sorted(overlap)}, which a secret reference also sets; keep one")
+            raise ValueError(f"{', '.join(sorted(overlap))} is set twice (env, secret_env, storage or "
+                             "metrics.wandb.api_key); keep one")
         if self.sweep is not None and self.trial is not None:
             raise ValueError("a spec is a sweep or one of its trials, not both: remove trial")
         if self.training.validation_interval and self.data.streams and not self.data.validation:
