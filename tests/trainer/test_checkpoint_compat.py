@@ -69,7 +69,9 @@ def test_every_recorded_field_is_checked() -> None:
                "model.attention_scale": spec(model={"attention_scale": "standard"}),
                "model.input_alpha": spec(model={"input_alpha": 2.0}),
                "model.output_alpha": spec(model={"output_alpha": 0.5}),
-               "model.depth_alpha_exp": spec(model={"depth_alpha_exp": 0.5})}
+               "model.depth_alpha_exp": spec(model={"depth_alpha_exp": 0.5}),
+               "model.embedding_norm": spec(model={"embedding_norm": False}),
+               "model.peri_norm": spec(model={"peri_norm": False})}
     for field, job in changed.items():
         assert [c.field for c in resume(saved(spec()), job).incompatible] == [field], field
     assert resume(saved(spec()), spec(), vocab=VOCAB * 2).incompatible == (

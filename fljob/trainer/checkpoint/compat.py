@@ -8,7 +8,8 @@ into one of three kinds:
 incompatible (refused, exit 2)
     ``model.flavor`` (resolved: ``tiny`` is its registered name), ``model.width`` and
     ``model.depth`` (resolved: the built model's dim and block count), ``model.mup``,
-    ``model.tie_embeddings``, ``model.attention_scale``, the muP multipliers
+    ``model.tie_embeddings``, ``model.attention_scale``, ``model.embedding_norm`` and
+    ``model.peri_norm`` (resolved: whether the built model has them), the muP multipliers
     ``model.input_alpha``/``output_alpha``/``depth_alpha_exp``, ``optimizer.name`` and the
     tokenizer's vocabulary size. Shape changes would fail deep inside DCP; the rest would
     load silently and train on state that means something else (every fljob optimizer keeps
@@ -69,6 +70,8 @@ def compatibility_record(spec: JobSpec, model_args: ModelArgs) -> dict[str, Any]
         "model.input_alpha": model_args.input_alpha,
         "model.output_alpha": model_args.output_alpha,
         "model.depth_alpha_exp": model_args.depth_alpha,
+        "model.embedding_norm": model_args.use_embedding_norm,
+        "model.peri_norm": model_args.use_peri_norm,
         "optimizer.name": spec.optimizer.name,
         VOCAB_SIZE: model_args.vocab_size,
     }

@@ -343,6 +343,10 @@ class FljobCheckpointManager(CheckpointManager):
         chosen = self._on_rank0(lambda: self._choose_step(step),
                                 f"cannot read checkpoints in {self.store.uri}")
         if chosen is None:
+            if step < 0:  # nothing of this run to resume: checkpoint.init_from, if set, gives the weights
+                from fljob.trainer.hf.init_from import init_model_from
+
+                init_model_from(self.spec, self.states["model"])
             return False
         checkpoint_id = self.store.step_uri(chosen)
         logger.info(f"Loading {checkpoint_id}")
