@@ -358,3 +358,19 @@ def test_a_two_rank_fljob_train_run_exports_generates_and_imports(
     tokens = torch.randint(0, back.model_args.vocab_size, (1, SEQ_LEN))
     with torch.no_grad():
         torch.testing.assert_close(back(tokens), fljob_model(tokens), rtol=1e-5, atol=1e-5)
+    # A new run starts from the imported weights (checkpoint.init_from): its first loss is the
+    # trained model's, not a fresh initialisation's.
+    again = {**spec, "name": "hf-init", "run_dir": str(tmp_path / "run2"),
+             "checkpoint": {"init_from": str(tmp_path / "imported")}, "training": {**spec["training"], "steps": 1}}
+    again_file = tmp_path / "again.yaml"
+    again_file.write_text(yaml.safe_dump(again))
+    started = subprocess.run([sys.executable, "-m", "fljob.cli", "train", str(again_file)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
+    assert f"Initialised the model from {tmp_path / 'imported'}" in started.stderr
+
+    def first_loss(run: str) -> float:
+        records = [json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return next(r["loss"] for r in records if "loss" in r)
+
+    assert first_loss("run2") < first_loss("run") - 0.1
