@@ -155,7 +155,7 @@ def test_ctrl_c_checkpoints_and_exits_75_without_tracebacks(tmp_path: Path) -> N
 SWEEP = """\
 name: tiny-sweep
 run_dir: {run_dir}
-training: {{steps: 3, local_batch_size: 2, seq_len: 32}}
+training: {{steps: 3, local_batch_size: 2, seq_len: 32, validation_interval: 3, validation_batches: 2}}
 metrics: {{enabled: false}}
 sweep:
   grid:
@@ -194,3 +194,16 @@ def test_local_sweep_runs_every_trial_two_at_a_time_and_resubmitting_skips_them(
     assert "started" not in again.stdout
     logs = fljob("logs", f"local://{folder}", cwd=tmp_path)
     assert logs.returncode == 2 and "is a sweep" in logs.stderr
+
+    report = fljob("sweep", "report", str(folder), "-o", str(tmp_path / "report"), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "compared by the final validation loss" in report.stdout
+    assert "verdict: muP: optimum moved" in report.stdout and "from width 64 to 128" in report.stdout
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [t["name"] for t in data["trials"]] == names
+    assert all(t["state"] == "completed" and t["validation_loss"] > 0 and not t["diverged"] for t in data["trials"])
+    assert [t["overrides"] for t in data["trials"]][1] == {"model.width": 64, "optimizer.lr": 0.01}
+    assert data["widths"] == [64, 128] and data["learning_rates"] == [0.003, 0.01]
+    assert (tmp_path / "report" / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = fljob("validate", str(tmp_path / "report" / "best.yaml"), cwd=tmp_path)
+    assert best.returncode == 0, best.stderr
