@@ -42,6 +42,18 @@ def _server_env(s3_server) -> dict[str, str]:
     return {**_bare_env(), **{k: s3_server.env[k] for k in S3_VARIABLES if k in s3_server.env}}
 
 
+def s3_storage(s3_server) -> dict[str, object]:
+    """The spec's storage section for the test server, credentials by reference."""
+    return {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region,
+            "access_key_id": {"env": "FLJOB_TEST_S3_KEY"}, "secret_access_key": {"env": "FLJOB_TEST_S3_SECRET"}}
+
+
+def s3_env(s3_server) -> dict[str, str]:
+    """No S3 setting of this environment, but the values the references in s3_storage name."""
+    return {**_bare_env(), "FLJOB_TEST_S3_KEY": s3_server.access_key_id,
+            "FLJOB_TEST_S3_SECRET": s3_server.secret_access_key}
+
+
 def _keys(s3_server, prefix: str) -> set[str]:
     listing = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix + "/")
     return {o["Key"].removeprefix(prefix + "/") for o in listing.get("Contents", [])}
@@ -108,13 +120,10 @@ def test_fljob_train_from_s3_with_referenced_credentials(s3_server, s3_dataset,
         "name": "s3-stream", "run_dir": str(tmp_path / "run"),
         "training": {"steps": 3, "local_batch_size": 2, "seq_len": SEQ},
         "data": {"streams": [{"uri": uri}], "tokenizer": f"{uri}/tokenizer.json"},
-        "storage": {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region,
-                    "access_key_id": {"env": "FLJOB_TEST_S3_KEY"},
-                    "secret_access_key": {"env": "FLJOB_TEST_S3_SECRET"}},
+        "storage": s3_storage(s3_server),
         "metrics": {"enabled": False, "port": free_port()},
     }))
-    env = {**_bare_env(), "FLJOB_TEST_S3_KEY": s3_server.access_key_id,
-           "FLJOB_TEST_S3_SECRET": s3_server.secret_access_key}
+    env = s3_env(s3_server)
     result = fljob("train", str(spec), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     fetched = (tmp_path / "run" / "data" / "tokenizer.json").read_bytes()  # data.tokenizer URI
@@ -153,13 +162,10 @@ def test_split_on_s3_trains_with_held_out_streams_and_copies_the_summary(s3_serv
                      "validation_interval": 2, "validation_batches": 2},
         "data": {"streams": [{"uri": train}], "validation": [{"uri": validation}]},
         "checkpoint": {"uri": checkpoints},
-        "storage": {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region,
-                    "access_key_id": {"env": "FLJOB_TEST_S3_KEY"},
-                    "secret_access_key": {"env": "FLJOB_TEST_S3_SECRET"}},
+        "storage": s3_storage(s3_server),
         "metrics": {"enabled": False, "port": free_port()},
     }))
-    env = {**_bare_env(), "FLJOB_TEST_S3_KEY": s3_server.access_key_id,
-           "FLJOB_TEST_S3_SECRET": s3_server.secret_access_key}
+    env = s3_env(s3_server)
     result = fljob("train", str(spec), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -207,8 +213,7 @@ def test_resume_from_s3_continues_the_s3_stream_bitwise(s3_server, s3_dataset,
     3 steps, stop, resume for 3 more (constant learning rate: only the restored state counts)."""
     uri, _ = s3_dataset
     checkpoints = f"s3://{s3_server.bucket}/ckpt-{uuid.uuid4().hex[:8]}"
-    env = {**_bare_env(), "FLJOB_TEST_S3_KEY": s3_server.access_key_id,
-           "FLJOB_TEST_S3_SECRET": s3_server.secret_access_key}
+    env = s3_env(s3_server)
 
     def run(name: str, steps: int) -> list[tuple[int, float]]:
         spec = tmp_path / f"{name}-{steps}.yaml"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stateful import Counter
 
 pytest.importorskip("torchtitan", reason="torchtitan (the trainer extra) is not installed")
 
@@ -29,19 +30,6 @@ from torchtitan.config import Checkpoint as CheckpointConfig
 from fljob.errors import UsageError
 from fljob.spec.models import JobSpec
 from fljob.trainer.checkpoint import CheckpointError, FljobCheckpointManager, open_store
-
-
-class Counter:
-    """Stands for the trainer's train state and the dataloader: a Stateful position."""
-
-    def __init__(self) -> None:
-        self.step, self.ntokens_seen = 0, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "ntokens_seen": self.ntokens_seen}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.ntokens_seen = state["step"], state["ntokens_seen"]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stateful import Counter
 
 pytest.importorskip("torchtitan", reason="torchtitan (the trainer extra) is not installed")
 pytest.importorskip("transformers", reason="transformers (the trainer extra) is not installed")
@@ -70,19 +71,6 @@ def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     train_bpe(bundled_documents()[:20], VOCAB).save(str(path))
     return path
-
-
-class Counter:
-    """The trainer's train state and the dataloader: a Stateful position."""
-
-    def __init__(self) -> None:
-        self.step, self.ntokens_seen = 0, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "ntokens_seen": self.ntokens_seen}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.ntokens_seen = state["step"], state["ntokens_seen"]
 
 
 def make_spec(tmp_path: Path, tokenizer: Path, **model: object) -> JobSpec:
