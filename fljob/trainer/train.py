@@ -54,23 +54,27 @@ def main(spec: JobSpec) -> int:
     train_spec.register(spec, vocab_size=build_tokenizer(spec).get_vocab_size())
 
     trainer = FljobTrainer(build_job_config(spec, device), preemption)
+    ended = "failed"
     try:
         try:
             trainer.train()
             if trainer.preempted:
                 trainer.save_for_requeue()
         except Diverged:  # every rank, at the same step; the trainer logged why
-            trainer.finish("diverged")
-            return DIVERGED
+            ended = "diverged"
         except BaseException:
             trainer.write_summary("failed")
             raise
-        trainer.finish("preempted" if trainer.preempted else "completed")
+        else:
+            ended = "preempted" if trainer.preempted else "completed"
+        trainer.finish(ended)
     finally:
         trainer.close()
         if dist.is_initialized():
+            if ended != "failed":  # every rank is here: none tears gloo/NCCL down under a peer
+                dist.barrier()
             dist.destroy_process_group()
-    return REQUEUE if trainer.preempted else OK
+    return {"diverged": DIVERGED, "preempted": REQUEUE}.get(ended, OK)
 
 
 def _single_process_defaults() -> None:
