@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -288,13 +288,11 @@ def local_checks(spec: JobSpec | None) -> Iterator[Check]:
         yield Check("PASS", "trainer packages", "torch and torchtitan importable")
 
 
-BACKEND_CHECKS: dict[str, Callable[[JobSpec | None], Iterator[Check]]] = {
-    "slurm": slurm_checks, "k8s": kubernetes_checks, "local": local_checks,
-}
-
-
 def run_checks(spec: JobSpec | None, backend: str) -> Iterator[Check]:
-    yield from BACKEND_CHECKS[backend](spec)
+    """The backend's own checks (its module's ``doctor_checks``), then the storage checks."""
+    from fljob import backends
+
+    yield from backends.get(backend).doctor_checks(spec)
     yield from storage_checks(spec)
 
 

@@ -250,6 +250,9 @@ class Backend(Protocol):
 
     def cancel(self, handle: Handle) -> None: ...
 
+    def doctor_checks(self, spec: JobSpec | None) -> Iterator[Any]:
+        """The preflight checks of `fljob doctor` for this backend (fljob.doctor.Check each)."""
+
 
 WANDB_KEY_ENV = "WANDB_API_KEY"
 

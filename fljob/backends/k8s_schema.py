@@ -255,9 +255,8 @@ def _errors(value: Any, schema: dict[str, Any], path: str) -> Iterator[str]:
             yield f"{path}: length {len(value)} is outside the allowed range"
         if "pattern" in schema and not _pattern(schema["pattern"]).search(value):
             yield f"{path}: {value!r} does not match {schema['pattern']}"
-    if _type_ok(value, "integer"):
-        if value < schema.get("minimum", value) or value > schema.get("maximum", value):
-            yield f"{path}: {value} is out of range"
+    if _type_ok(value, "integer") and not schema.get("minimum", value) <= value <= schema.get("maximum", value):
+        yield f"{path}: {value} is out of range"
     if isinstance(value, dict):
         yield from _object_errors(value, schema, path)
     if isinstance(value, list):

@@ -36,11 +36,12 @@ from fljob.backends.kubernetes_render import (
     check,
     render,
 )
+from fljob.doctor import kubernetes_checks as doctor_checks
 from fljob.errors import UsageError
 from fljob.spec import JobSpec
 
 NAME = "k8s"
-__all__ = ["NAME", "cancel", "check", "logs", "plan", "render", "status", "submit"]
+__all__ = ["NAME", "cancel", "check", "doctor_checks", "logs", "plan", "render", "status", "submit"]
 KUBECTL = "kubectl"
 
 

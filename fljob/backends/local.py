@@ -46,6 +46,7 @@ from fljob.backends.base import (
     run_progress,
 )
 from fljob.backends.shell import env_block, secret_problems
+from fljob.doctor import local_checks as doctor_checks
 from fljob.errors import JobFailed, UsageError, elide
 from fljob.exitcodes import DIVERGED, REQUEUE
 from fljob.spec import JobSpec, Problem, dump_spec, problem_at
@@ -53,6 +54,7 @@ from fljob.spec.sweep import SWEEP_INDEX_FILE, Trial, expand, sweep_index
 from fljob.summary import read_summary
 
 NAME = "local"
+__all__ = ["NAME", "cancel", "check", "doctor_checks", "logs", "plan", "render", "status", "submit"]
 SCRIPT_FILE = "run.sh"
 LOG_FILE = "train.log"
 STATE_FILE = "local.json"

@@ -43,13 +43,14 @@ from fljob.backends.base import (
     run_progress,
 )
 from fljob.backends.slurm_render import check, render
+from fljob.doctor import slurm_checks as doctor_checks
 from fljob.errors import UsageError
 from fljob.exitcodes import DIVERGED, REQUEUE
 from fljob.spec import JobSpec
 from fljob.spec.sweep import SWEEP_INDEX_FILE
 
 NAME = "slurm"
-__all__ = ["NAME", "cancel", "check", "logs", "plan", "render", "status", "submit"]
+__all__ = ["NAME", "cancel", "check", "doctor_checks", "logs", "plan", "render", "status", "submit"]
 
 SUBMITIT_DIR = "submitit"
 JOBS_FILE = "jobs.json"
