@@ -126,6 +126,10 @@ def test_a_throttled_sweep_needs_a_queue() -> None:
     objects = kubernetes_render.objects(load({"queue": "sweeps"}, sweep=sweep))
     jobs = [d for d in objects if d["kind"] == "PyTorchJob"]
     assert len(jobs) == 3 and all(j["spec"]["runPolicy"]["suspend"] for j in jobs)
+    assert [e.message for j in jobs for e in k8s_validation.crd_validator().iter_errors(j)] == []
+    for obj in [t for j in jobs for t in k8s_validation.as_pod_templates(j)] + \
+            [d for d in objects if d["kind"] == "ConfigMap"]:
+        k8s_validation.openapi_validate(obj, k8s_validation.K8S_VERSIONS[-1])
     assert {j["metadata"]["labels"]["fljob.dev/sweep"] for j in jobs} == {"k8s-fields"}
     assert [d["kind"] for d in objects].count("PodMonitor") == 1
 
