@@ -49,6 +49,7 @@ from fljob.backends.shell import env_block, secret_problems
 from fljob.doctor import local_checks as doctor_checks
 from fljob.errors import JobFailed, UsageError, elide
 from fljob.exitcodes import DIVERGED, REQUEUE
+from fljob.processes import start_ticks
 from fljob.spec import JobSpec, Problem, dump_spec, problem_at
 from fljob.spec.sweep import SWEEP_INDEX_FILE, Trial, expand, sweep_index
 from fljob.summary import read_summary
@@ -128,16 +129,6 @@ def plan(spec: JobSpec, task: Task = "train") -> Submission:
 # --------------------------------------------------------------------------- processes and state
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the
-    pid it names one process, so a recycled pid is never taken for ours."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def _write_state(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(state))
@@ -178,7 +169,7 @@ def _alive(state: dict[str, Any], folder: Path) -> bool:
     same start time, and (a job) the marker variable fljob gave it or (a sweep's runner) an
     fljob command line. A tampered state file can name no other process."""
     pid = state["pid"]
-    ticks = _start_ticks(pid)
+    ticks = start_ticks(pid)
     if ticks is None or ticks != state.get("start_ticks"):
         return False
     try:
@@ -214,7 +205,7 @@ class _Run:
                                      env={**os.environ, RUN_MARKER_ENV: str(folder)})
         if cpus:  # before the script starts its workers (seconds later), which inherit it
             os.sched_setaffinity(self.proc.pid, cpus)
-        self.state = {"pid": self.proc.pid, "start_ticks": _start_ticks(self.proc.pid),
+        self.state = {"pid": self.proc.pid, "start_ticks": start_ticks(self.proc.pid),
                       "started": self.started, "exit_code": None}
         _write_state(folder / STATE_FILE, self.state)
 
@@ -342,7 +333,7 @@ def _run_sweep(plan: Submission) -> Handle:
     parallel = min(plan.spec.sweep.parallel, max(len(todo), 1))
     print(f"fljob: sweep {plan.spec.name}: {len(trials)} trials ({len(trials) - len(todo)} already done), "
           f"{parallel} at a time, in {plan.folder}", flush=True)
-    sweep_state = {"pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()), "started": time.time(),
+    sweep_state = {"pid": os.getpid(), "start_ticks": start_ticks(os.getpid()), "started": time.time(),
                    "exit_code": None, "sweep": True}
     _write_state(plan.folder / STATE_FILE, sweep_state)
     free = cpu_slots(parallel)

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from test_checkpoint import where as where  # noqa: PLC0414  (the fixture, by it
 
 from fljob.errors import UsageError
 from fljob.exitcodes import REQUEUE, USAGE
+from fljob.processes import ProcessId, start_ticks
 from fljob.trainer.checkpoint.lock import LeaseLock, Owner
 from fljob.trainer.checkpoint.store import CheckpointError, CheckpointStore
 
@@ -101,6 +103,36 @@ def test_an_expired_lease_is_taken_over_and_logged(store: CheckpointStore,
         assert lease_record(store)["owner"] == "run-new"
     finally:
         new.release()
+
+
+def test_the_unexpired_lease_of_a_run_that_died_on_this_machine_is_taken_over(
+        store: CheckpointStore, caplog: pytest.LogCaptureFixture) -> None:
+    """A run killed without warning (SIGKILL, OOM) cannot give its lease back; resubmitted on the
+    same machine, the next run sees that the holder's process is gone and does not wait out the
+    expiry. A live holder on this machine, or one recorded elsewhere, is still refused."""
+    here = ProcessId.this_process()
+    dead_child = subprocess.Popen(["sleep", "30"])
+    dead = ProcessId(dead_child.pid, start_ticks(dead_child.pid), here.namespace)
+    dead_child.kill()
+    dead_child.wait()
+    for holder, refused in ((here, True), (dead, False),
+                            (ProcessId(dead.pid, dead.ticks, "another-boot/pid:[1]"), True)):
+        store.write_object("LOCK", json.dumps({
+            "owner": "run-killed", "run_id": "run-killed", "host": "node-a", "pid": holder.pid,
+            "ticks": holder.ticks, "namespace": holder.namespace, "expires": "2099-01-01T00:00:00Z",
+            "expires_unix": 4070908800.0}).encode())
+        new = lease(store, "run-next")
+        if refused:
+            with pytest.raises(UsageError, match="is in use by run run-killed"):
+                new.acquire()
+            continue
+        new.acquire()
+        try:
+            assert (f"Took over the lease {store.uri}/LOCK of run run-killed (host node-a, pid "
+                    f"{dead.pid}), which ended on this machine without giving it back") in caplog.text
+            assert lease_record(store)["owner"] == "run-next"
+        finally:
+            new.release()
 
 
 def test_a_requeued_attempt_takes_its_lease_back_and_the_old_one_finds_out(

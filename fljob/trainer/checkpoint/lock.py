@@ -20,6 +20,9 @@ Object stores have no locks, so ``<uri>/LOCK`` is a *lease*: a JSON object with 
   a warning naming it);
 * one of the same owner (a requeued attempt or restarted pod of the same job, which keeps its
   ``FLJOB_RUN_ID``): taken back at once, whatever its expiry;
+* another owner's lease whose holder is known to have ended (its record names a process of
+  this machine, boot and pid namespace that no longer runs: a run killed or crashed on this
+  node, then resubmitted here): taken over at once, with a warning;
 * another owner's unexpired lease: refused, naming that run and when its lease expires.
 
 Before every save, and again before every commit, rank 0 reads the lease back: a run whose
@@ -52,6 +55,7 @@ from typing import Any
 from torchtitan.tools.logging import logger
 
 from fljob.errors import UsageError
+from fljob.processes import ProcessId
 from fljob.storage import split_s3
 from fljob.trainer.checkpoint.store import LOCK, CheckpointError, CheckpointStore, describe_error
 
@@ -71,12 +75,24 @@ class Owner:
     run_id: str | None
     host: str
     pid: int
+    ticks: int | None = None
+    namespace: str | None = None
 
     @classmethod
     def this_process(cls) -> Owner:
         run_id = os.environ.get(RUN_ID_ENV) or None
-        host, pid = socket.gethostname(), os.getpid()
-        return cls(run_id or f"{host}-{pid}-{uuid.uuid4().hex[:8]}", run_id, host, pid)
+        me = ProcessId.this_process()
+        return cls(run_id or f"{socket.gethostname()}-{me.pid}-{uuid.uuid4().hex[:8]}", run_id,
+                   socket.gethostname(), me.pid, me.ticks, me.namespace)
+
+
+def holder_is_gone(record: dict[str, Any]) -> bool:
+    """The lease's holder is known to have ended (killed, crashed: it could not release it):
+    recorded on this machine, in this boot and pid namespace, and no longer running."""
+    pid, ticks, namespace = record.get("pid"), record.get("ticks"), record.get("namespace")
+    if not (isinstance(pid, int) and isinstance(ticks, int) and isinstance(namespace, str)):
+        return False
+    return ProcessId(pid, ticks, namespace).is_gone()
 
 
 def describe_holder(record: dict[str, Any] | None) -> str:
@@ -252,7 +268,8 @@ class LeaseLock(CheckpointLock):
             record, etag = self._read()
             if record is not None and record.get("owner") != self.owner.owner:
                 expires = record.get("expires_unix")
-                if isinstance(expires, int | float) and expires > time.time():
+                if isinstance(expires, int | float) and expires > time.time() \
+                        and not holder_is_gone(record):
                     raise UsageError(_refusal(self.location, describe_holder(record),
                                               f"; its lease expires at {record.get('expires')} "
                                               "unless that run renews it"))
@@ -272,6 +289,9 @@ class LeaseLock(CheckpointLock):
             logger.info(f"Took the lease {self.uri}")
         elif previous.get("owner") == self.owner.owner:
             logger.info(f"Took back this run's lease {self.uri} from {describe_holder(previous)}")
+        elif holder_is_gone(previous):
+            logger.warning(f"Took over the lease {self.uri} of {describe_holder(previous)}, which "
+                           "ended on this machine without giving it back")
         else:
             logger.warning(f"Took over the lease {self.uri} of {describe_holder(previous)}, which "
                            f"expired at {previous.get('expires', '?')}")
