@@ -22,6 +22,7 @@ def fljob(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, timeout=180)
 
 
+@pytest.mark.slow
 def test_local_doctor_two_ranks_rendezvous(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: local-doctor\nrun_dir: run\nresources: {procs_per_node: 2}\nenv: {GREETING: \"it's $(not run)\"}\n")

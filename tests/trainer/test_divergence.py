@@ -50,6 +50,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_gets_the_same_verdict_whichever_rank_saw_it(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     verdicts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

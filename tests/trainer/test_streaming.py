@@ -232,6 +232,7 @@ def _shard_worker(rank: int, world: int, port: int, dest: str, cache: str, out: 
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_dp_ranks_disjoint_and_tp_peers_identical(tmp_path: Path) -> None:
     """World 4 = 2 data-parallel ranks x TP 2, as torchtitan lays out its mesh."""
     dest = _prepare(tmp_path, "alpha", docs=30)
@@ -302,6 +303,7 @@ def _outside_torchrun() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ranks}
 
 
+@pytest.mark.slow
 def test_cli_splits_with_a_validation_fraction_and_names_both_uris(tmp_path: Path) -> None:
     dest = tmp_path / "out"
     result = fljob("data", "prepare", "builtin:pydoc", str(dest), "--seq-len", "64",
@@ -319,6 +321,7 @@ def test_cli_splits_with_a_validation_fraction_and_names_both_uris(tmp_path: Pat
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_cli_prepares_the_bundled_corpus(tmp_path: Path) -> None:
     result = fljob("data", "prepare", "builtin:pydoc", str(tmp_path / "out"), "--seq-len", "64",
                    "--no-progress")
@@ -371,6 +374,7 @@ def _stream_spec(tmp: Path, uri: str, seq_len: int = SEQ, batch: int = 2) -> Pat
     return spec
 
 
+@pytest.mark.slow
 def test_fljob_train_reads_a_local_stream(tmp_path: Path) -> None:
     dest = _prepare(tmp_path, "alpha")
     result = fljob("train", str(_stream_spec(tmp_path, str(dest))))
@@ -383,6 +387,7 @@ def test_fljob_train_reads_a_local_stream(tmp_path: Path) -> None:
     assert any((tmp_path / "run" / "data" / "mds-cache" / "0").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["seq-len", "too-small", "unprepared"])
 def test_fljob_train_refuses_an_unusable_stream(tmp_path: Path, case: str) -> None:
     dest = _prepare(tmp_path, "alpha")
