@@ -12,6 +12,8 @@ few hundred steps of a 2048-wide model do not repeat data.
     python bench/mutransfer.py prepare --work /tmp/mut            # corpus -> MDS train/validation
     python bench/mutransfer.py sweep --work /tmp/mut              # the 5 x 7 x 2 x 2 sweep + report
     python bench/mutransfer.py throughput --work /tmp/mut         # sequential vs packed trials/hour
+    python bench/mutransfer.py sweep --work /tmp/mut --name attn --parametrisation mup \
+        --widths 256 1024 --grid model.attention_scale=standard     # a follow-up: one knob under muP
 
 Each step appends its figures to <work>/results.json; bench/results/mutransfer.md is written
 from them.
@@ -63,8 +65,7 @@ def corpus(work: Path) -> Path:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
     with open(path, "w", encoding="utf-8") as out:
-        for name in sorted(topics):
-            out.write(json.dumps({"text": topics[name]}) + "\n")
+        out.writelines(json.dumps({"text": topics[name]}) + "\n" for name in sorted(topics))
         for file in files:
             try:
                 text = file.read_text(encoding="utf-8")
@@ -86,9 +87,11 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def sweep_spec(work: Path, name: str, *, widths: tuple[int, ...], exponents: tuple[int, ...], seeds: tuple[int, ...],
-               mup: tuple[bool, ...], steps: int, parallel: int, batch: int) -> Path:
+               mup: tuple[bool, ...], steps: int, parallel: int, batch: int,
+               extra_grid: dict[str, list[Any]] | None = None) -> Path:
     """The sweep as one fljob spec: the 7.61M flavor (the muP base: width 256, depth 4,
-    head_dim 64) at each width, AdamW with warm-up and linear decay, bf16, held-out loss."""
+    head_dim 64) at each width, AdamW with warm-up and linear decay, bf16, held-out loss;
+    ``extra_grid`` adds swept fields (e.g. ``model.output_alpha``) to the product."""
     spec: dict[str, Any] = {
         "name": name,
         "run_dir": str(work / "runs" / "{name}"),
@@ -103,7 +106,8 @@ def sweep_spec(work: Path, name: str, *, widths: tuple[int, ...], exponents: tup
         "metrics": {"enabled": False, "optimizer_interval": 100000},
         "sweep": {
             "grid": {"model.mup": list(mup), "model.width": list(widths),
-                     "optimizer.lr": [2.0 ** e for e in exponents], "training.seed": list(seeds)},
+                     "optimizer.lr": [2.0 ** e for e in exponents], "training.seed": list(seeds),
+                     **(extra_grid or {})},
             "name_format": "{name}-{index}",
             "parallel": parallel,
         },
@@ -121,16 +125,28 @@ def run_sweep(work: Path, spec: Path, name: str) -> float:
     return seconds
 
 
+PARAMETRISATIONS = {"both": (True, False), "mup": (True,), "sp": (False,)}
+
+
+def grid_entry(text: str) -> tuple[str, list[Any]]:
+    """``FIELD=V1,V2`` (values read as YAML scalars) as one more swept field."""
+    field, _, values = text.partition("=")
+    if not field or not values:
+        raise argparse.ArgumentTypeError(f"--grid {text!r}: write FIELD=V1,V2,...")
+    return field, [yaml.safe_load(v) for v in values.split(",")]
+
+
 def sweep(args: argparse.Namespace) -> None:
-    work = args.work
-    spec = sweep_spec(work, "mutransfer", widths=tuple(args.widths), exponents=tuple(args.lr_exponents),
-                      seeds=tuple(args.seeds), mup=(True, False), steps=args.steps, parallel=args.parallel,
-                      batch=args.batch)
-    seconds = run_sweep(work, spec, "mutransfer")
-    fljob("sweep", "report", str(work / "runs" / "mutransfer"), "-o", str(work / "report"), check=False)
-    record(work, "sweep", {"seconds": round(seconds, 1), "parallel": args.parallel, "steps": args.steps,
-                           "batch": args.batch, "widths": args.widths, "lr_exponents": args.lr_exponents,
-                           "seeds": args.seeds})
+    work, name = args.work, args.name
+    spec = sweep_spec(work, name, widths=tuple(args.widths), exponents=tuple(args.lr_exponents),
+                      seeds=tuple(args.seeds), mup=PARAMETRISATIONS[args.parametrisation], steps=args.steps,
+                      parallel=args.parallel, batch=args.batch, extra_grid=dict(args.grid))
+    seconds = run_sweep(work, spec, name)
+    report = work / "report" if name == "mutransfer" else work / f"report-{name}"
+    fljob("sweep", "report", str(work / "runs" / name), "-o", str(report), check=False)
+    record(work, name, {"seconds": round(seconds, 1), "parallel": args.parallel, "steps": args.steps,
+                        "batch": args.batch, "widths": args.widths, "lr_exponents": args.lr_exponents,
+                        "seeds": args.seeds, "parametrisation": args.parametrisation, "grid": dict(args.grid)})
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -168,6 +184,11 @@ def main() -> None:
         p.add_argument("--lr-exponents", type=int, nargs="+",
                        default=list(LR_EXPONENTS if name == "sweep" else (-10, -9, -8)))
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+        if name == "sweep":
+            p.add_argument("--name", default="mutransfer", help="the sweep's name (its runs go to <work>/runs/NAME)")
+            p.add_argument("--parametrisation", choices=sorted(PARAMETRISATIONS), default="both")
+            p.add_argument("--grid", type=grid_entry, action="append", default=[], metavar="FIELD=V1,V2",
+                           help="one more swept field, e.g. model.output_alpha=0.25,4 (repeatable)")
     args = parser.parse_args()
     {"prepare": prepare, "sweep": sweep, "throughput": throughput}[args.step](args)
 
