@@ -20,7 +20,6 @@ from stateful import Counter
 pytest.importorskip("torchtitan", reason="torchtitan (the trainer extra) is not installed")
 
 import torch
-import torch.distributed as dist
 from test_writes import tmpfs as tmpfs  # noqa: PLC0414  (the real-tmpfs fixture, by its name)
 from torch import nn
 from torchtitan.components.lr_scheduler import LRSchedulersContainer
@@ -31,13 +30,7 @@ from fljob.errors import UsageError
 from fljob.spec.models import JobSpec
 from fljob.trainer.checkpoint import CheckpointError, FljobCheckpointManager, open_store
 
-
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one(tmp_path_factory: pytest.TempPathFactory):
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 COMPATIBILITY = {"optimizer.name": "adamw", "model.width": 16}

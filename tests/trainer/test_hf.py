@@ -26,7 +26,6 @@ pytest.importorskip("torchtitan", reason="torchtitan (the trainer extra) is not 
 pytest.importorskip("transformers", reason="transformers (the trainer extra) is not installed")
 
 import torch
-import torch.distributed as dist
 import yaml
 from ports import free_port
 from torchtitan.components.lr_scheduler import LRSchedulersContainer
@@ -56,12 +55,7 @@ MUP_SETTINGS = {"flavor": "tiny", "depth": 2, "input_alpha": 2.0, "output_alpha"
                 "depth_alpha_exp": 0.5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one(tmp_path_factory: pytest.TempPathFactory):
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 @pytest.fixture(scope="module")
