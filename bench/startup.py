@@ -47,8 +47,9 @@ def main() -> None:
         }
         results = {name: median_seconds(argv, args.repeat) for name, argv in cases.items()}
     torch_free = subprocess.run(
-        [py, "-c", "import sys, fljob.cli, fljob.backends.slurm_render, fljob.backends.kubernetes_render; "
-                   "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        [py, "-c", ("import sys, fljob.cli, fljob.backends.slurm_render, fljob.backends.kubernetes_render; "
+                    "print('torch' in sys.modules)")], capture_output=True, text=True, cwd=REPO,
+        check=True).stdout.strip()
     anchor = results["python -c pass (anchor)"]
     lines = [
         "# CLI start-up: `fljob validate` / `fljob render`",

@@ -113,8 +113,8 @@ def test_kueue_queue_is_a_label_and_the_job_starts_suspended() -> None:
     assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
     assert job["spec"]["runPolicy"]["suspend"] is True and "schedulingPolicy" not in job["spec"]["runPolicy"]
     assert [e.message for e in k8s_validation.crd_validator().iter_errors(job)] == []
-    volcano = [d for d in kubernetes_render.objects(load({"queue": "team-a", "scheduler_name": "volcano"}))
-               if d["kind"] == "PyTorchJob"][0]
+    volcano = next(d for d in kubernetes_render.objects(load({"queue": "team-a", "scheduler_name": "volcano"}))
+                   if d["kind"] == "PyTorchJob")
     assert volcano["spec"]["runPolicy"]["schedulingPolicy"]["queue"] == "team-a"
     assert KUEUE_QUEUE_LABEL not in volcano["metadata"]["labels"] and "suspend" not in volcano["spec"]["runPolicy"]
 

@@ -70,7 +70,8 @@ def run_batch_script(script: Path, bin_dir: Path, workdir: Path, extra_env: dict
         **(extra_env or {}),
     }
     if wait:
-        return subprocess.run(["bash", str(script)], cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run(["bash", str(script)], cwd=workdir, env=env, capture_output=True, text=True,
+                              timeout=60, check=False)
     return subprocess.Popen(["bash", str(script)], cwd=workdir, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -34,7 +34,7 @@ class Cluster:
 
     def run(self, *argv: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(list(argv), env=self.env, cwd=self.tmp, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, check=False)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -171,7 +171,7 @@ def test_logs_found_through_the_index_after_the_controller_forgets(cluster, monk
     from fljob.backends.base import Handle
 
     spec = cluster.spec("slurm-index")
-    job_id, run_dir = cluster.submit(spec)
+    job_id, _ = cluster.submit(spec)
     cluster.wait_state(job_id, {"COMPLETED", "FAILED"}, timeout=120)
     for key, value in cluster.env.items():
         monkeypatch.setenv(key, value)
@@ -200,7 +200,7 @@ def test_dry_run_and_user_errors(cluster):
     assert "invalid partition" in rejected.stderr.lower() and "Traceback" not in rejected.stderr
 
     no_conf = subprocess.run(["fljob", "status", "slurm://1"], env={**cluster.env, "SLURM_CONF": "/nonexistent"},
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, check=False)
     assert no_conf.returncode == 2 and "SLURM_CONF" in no_conf.stderr
 
 
@@ -209,7 +209,7 @@ def test_dry_run_and_user_errors(cluster):
 
 def test_cancel_stops_a_running_job(cluster):
     spec = cluster.spec("slurm-cancel")
-    job_id, run_dir, mark = cluster.hooked(spec, "hang")
+    job_id, _, mark = cluster.hooked(spec, "hang")
     wait_for(lambda: len(markers(mark, "started-")) == 2, 120, "both workers to start")
     pids = [int(p.name.rsplit("-p", 1)[1]) for p in markers(mark, "started-")]
     assert all(pid_alive(p) for p in pids)
@@ -233,7 +233,7 @@ def test_cancel_stops_a_running_job(cluster):
 
 def test_requeue_trailer_stops_at_the_budget(cluster):
     spec = cluster.spec("slurm-requeue", max_restarts=2)
-    job_id, run_dir, _ = cluster.hooked(spec, "exit75")
+    job_id, _, _ = cluster.hooked(spec, "exit75")
     t0 = time.monotonic()
     line = cluster.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "PREEMPTED"}, timeout=240)
     print(f"3 runs with 2 requeues in {time.monotonic() - t0:.1f} s")
@@ -254,7 +254,7 @@ def test_requeue_trailer_stops_at_the_budget(cluster):
 
 def test_usr2_reaches_the_workers_and_the_job_requeues(cluster):
     spec = cluster.spec("slurm-signal", max_restarts=1)
-    job_id, run_dir, mark = cluster.hooked(spec, "usr2")
+    job_id, _, mark = cluster.hooked(spec, "usr2")
     wait_for(lambda: len(markers(mark, "started-")) == 2, 120, "both workers to start")
     assert not markers(mark, "usr2-")
 

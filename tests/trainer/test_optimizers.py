@@ -105,14 +105,14 @@ def ref_adopt(p, grads, lrs, lr0, wd, eps, betas, nu, clip_exponent, mode, clip_
 CASES: dict[str, tuple[str, dict, Callable]] = {
     "adamw": (
         "adamw",
-        dict(betas=(0.8, 0.9)),
+        {"betas": (0.8, 0.9)},
         lambda p, gs, lrs, lr0, wd, eps, kw, hits: ref_adam(
             p, gs, lrs, lr0, wd, eps, kw["betas"], "torch"
         ),
     ),
     "decoupled_adamw": (
         "decoupled_adamw",
-        dict(betas=(0.8, 0.9)),
+        {"betas": (0.8, 0.9)},
         lambda p, gs, lrs, lr0, wd, eps, kw, hits: ref_adam(
             p, gs, lrs, lr0, wd, eps, kw["betas"], "decoupled"
         ),
@@ -120,7 +120,7 @@ CASES: dict[str, tuple[str, dict, Callable]] = {
     **{
         f"qhadamw-{mode}": (
             "qhadamw",
-            dict(betas=(0.8, 0.9), nus=(0.6, 0.8), decouple=mode == "decoupled"),
+            {"betas": (0.8, 0.9), "nus": (0.6, 0.8), "decouple": mode == "decoupled"},
             lambda p, gs, lrs, lr0, wd, eps, kw, hits, mode=mode: ref_qhadam(
                 p, gs, lrs, lr0, wd, eps, kw["betas"], kw["nus"], mode
             ),
@@ -136,12 +136,12 @@ CASES: dict[str, tuple[str, dict, Callable]] = {
                 kw.get("clip_exponent", 0.25), mode, hits,
             ),
         )
-        for name, extra in (("adopt", {}), ("qhadopt", dict(nus=(0.6, 1.0))))
+        for name, extra in (("adopt", {}), ("qhadopt", {"nus": (0.6, 1.0)}))
         for mode in ("decoupled", "coupled")
     },
     "adopt-noclip": (
         "adopt",
-        dict(betas=(0.7, 0.95), clip_exponent=None),
+        {"betas": (0.7, 0.95), "clip_exponent": None},
         lambda p, gs, lrs, lr0, wd, eps, kw, hits: ref_adopt(
             p, gs, lrs, lr0, wd, eps, kw["betas"], 1.0, None, "coupled", hits
         ),
@@ -150,8 +150,8 @@ CASES: dict[str, tuple[str, dict, Callable]] = {
 
 # Per-group hyperparameters as muP groups set them: lr, weight_decay and eps all differ.
 GROUPS = [
-    dict(idx=[0, 2, 3], lr=0.03, weight_decay=0.05, eps=1e-3),
-    dict(idx=[1], lr=0.01, weight_decay=0.2, eps=0.3),
+    {"idx": [0, 2, 3], "lr": 0.03, "weight_decay": 0.05, "eps": 1e-3},
+    {"idx": [1], "lr": 0.01, "weight_decay": 0.2, "eps": 0.3},
 ]
 
 
@@ -245,7 +245,7 @@ def test_foreach_equals_single_tensor(case: str) -> None:
 def test_state_dict_round_trip(name: str, foreach: bool, k: int) -> None:
     """Stop after k steps, save through torch.save (weights_only load), resume in fresh
     objects: identical to an uninterrupted run. k=1 is ADOPT's seeding step."""
-    kwargs = dict(weight_decay=0.1) if name == "adamw" else dict(decouple=True)
+    kwargs = {"weight_decay": 0.1} if name == "adamw" else {"decouple": True}
     kwargs = {} if name == "decoupled_adamw" else kwargs
     params = make_params()
     grads = make_grads(params)
@@ -275,7 +275,7 @@ def test_state_dict_round_trip(name: str, foreach: bool, k: int) -> None:
 
 
 def _decoupled(name: str) -> dict:
-    return {} if name == "decoupled_adamw" else dict(decouple=True)
+    return {} if name == "decoupled_adamw" else {"decouple": True}
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
@@ -311,7 +311,7 @@ def test_zero_gradient_coupled_decay_pulls_toward_zero(name: str, foreach: bool)
     wd, lr, beta1, nu1 = 0.1, 0.01, 0.9, 0.6
     p0 = torch.tensor([1.5, -2.0, 0.25, -0.75])
     p = torch.nn.Parameter(p0.clone())
-    kwargs = dict(betas=(beta1, 0.99), decouple=False)
+    kwargs = {"betas": (beta1, 0.99), "decouple": False}
     if name != "adopt":
         kwargs["nus"] = (nu1, 1.0)
     opt = build_optimizer(name, [p], lr=lr, weight_decay=wd, foreach=foreach, **kwargs)
@@ -414,13 +414,13 @@ def test_registry_and_builder() -> None:
 @pytest.mark.parametrize(
     "name, kwargs, match",
     [
-        ("qhadamw", dict(betas=(0.9, 1.0)), "betas"),
-        ("qhadamw", dict(nus=(1.2, 1.0)), "nus"),
-        ("qhadopt", dict(nus=(0.7, 0.9)), "nus"),
-        ("adopt", dict(clip_exponent=-1.0), "clip_exponent"),
-        ("adopt", dict(eps=-1.0), "eps"),
-        ("decoupled_adamw", dict(lr=0.0, weight_decay=1e-4), "initial_lr"),
-        ("qhadamw", dict(weight_decay=-1.0), "weight_decay"),
+        ("qhadamw", {"betas": (0.9, 1.0)}, "betas"),
+        ("qhadamw", {"nus": (1.2, 1.0)}, "nus"),
+        ("qhadopt", {"nus": (0.7, 0.9)}, "nus"),
+        ("adopt", {"clip_exponent": -1.0}, "clip_exponent"),
+        ("adopt", {"eps": -1.0}, "eps"),
+        ("decoupled_adamw", {"lr": 0.0, "weight_decay": 1e-4}, "initial_lr"),
+        ("qhadamw", {"weight_decay": -1.0}, "weight_decay"),
     ],
 )
 def test_invalid_hyperparameters_are_rejected(name: str, kwargs: dict, match: str) -> None:
@@ -445,8 +445,7 @@ def test_foreach_on_dtensor_parameters() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        for case in CASES:
-            name, kwargs, _ = CASES[case]
+        for case, (name, kwargs, _) in CASES.items():
             plain = make_params()
             sharded = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)]))
                        for p in plain]
