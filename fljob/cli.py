@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from fljob import __version__
 from fljob.backends.base import BACKEND_NAMES
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DASHBOARD_EPILOG = """\
-writes three files into the folder:
+writes three files into the folder, all or none (a folder that cannot take them: one line
+naming the path and the cause, exit 2):
   fljob-training.json                   the dashboard (import it, or let provisioning load it)
   fljob-dashboard.configmap.yaml        the same JSON in a ConfigMap labelled
                                         grafana_dashboard: "1" (kube-prometheus-stack's Grafana
@@ -200,11 +202,13 @@ the last step (0 = flat, 1 = proportional to width). muP passes when every kind 
 |slope| <= --max-mup-slope; as a control, SP's attention and FFN outputs must rise,
 slope >= --min-sp-slope (if they do not, the run was too short to show a muP error either,
 and the verdict is an inconclusive FAIL). Exit 0 on PASS, 1 on FAIL: usable in CI and
-before a sweep. The verdict uses every --widths; keep them >= 128, where the asymptotics
-hold: at 64 the incoherent part of the first Adam updates (a term that fades like
-1/sqrt(width)) still lifts the narrowest model's attention/FFN outputs (slope about -0.2
-over 64..512), a finite-width effect, not a muP error. Measured slopes and the reasoning
-behind the defaults are in fljob/trainer/model/MUP.md.
+before a sweep; exit 2 for bad input, an -o that cannot be written among it (checked before
+the sweep; the PNG and the .json are written both or neither). The verdict uses every
+--widths; keep them >= 128, where the asymptotics hold: at 64 the incoherent part of the
+first Adam updates (a term that fades like 1/sqrt(width)) still lifts the narrowest model's
+attention/FFN outputs (slope about -0.2 over 64..512), a finite-width effect, not a muP
+error. Measured slopes and the reasoning behind the defaults are in
+fljob/trainer/model/MUP.md.
 
 how to read the plot: top row muP, bottom row SP; one column per layer (block layers averaged
 over blocks); x = width, y = mean |activation|, both log2; one line per step (dark = init,
@@ -224,6 +228,14 @@ examples:
 """
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A subcommand's parser that refuses a bad option value in one line (exit 2), like every
+    other bad input, instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _widths(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(sorted({int(w) for w in text.split(",")}))
@@ -239,7 +251,8 @@ def _add_mup_parser(sub: argparse._SubParsersAction) -> None:
     from fljob.spec.models import OPTIMIZER_NAMES
 
     mup = sub.add_parser("mup", help="muP tools: the coordinate check")
-    mup_sub = mup.add_subparsers(dest="mup_command", required=True, metavar="SUBCOMMAND")
+    mup_sub = mup.add_subparsers(dest="mup_command", required=True, metavar="SUBCOMMAND",
+                                 parser_class=_OneLineParser)
     p = mup_sub.add_parser(
         "coord-check", help="plot activation size against width, muP beside SP (a muP self-test)",
         description="Train the model a few steps at several widths, in muP and in the standard "
@@ -275,6 +288,7 @@ def _add_mup_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, default=Path("coord_check.png"),
                    help="PNG to write; the raw numbers and the verdict go beside it as .json "
                         "(default: coord_check.png)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 DATA_PREPARE_EPILOG = """\
@@ -284,6 +298,20 @@ documentation that ships with every CPython (pydoc_data.topics), real English te
 exists offline on any machine. DEST is a folder or s3://bucket/prefix. Documents are joined
 with EOS and cut into samples of seq_len+1 tokens; DEST gets zstd MDS shards, index.json,
 tokenizer.json and fljob_index.json (token counts; written last, it marks DEST complete).
+
+input must be UTF-8 text: a file or JSONL record that is not UTF-8 (convert it: iconv -t
+UTF-8), holds a NUL character (binary data, UTF-16) or is more than 10% control characters
+stops the run, naming the file (and line); nothing is skipped. So does a JSONL line that is
+not a JSON object with a string text field, and a corpus with no text or too little for one
+sample. A folder's files with other suffixes are not read.
+
+all or nothing: options, SRC and DEST (new or empty, writable; with --overwrite it may
+hold a dataset, complete or partial, which is removed first: nothing else) are checked
+before the first write: a refusal is one line, exit 2, nothing written. A run that fails
+later removes everything it wrote: exit 2 for bad input found late, exit 1 for a write
+that failed (a full disk, a refused upload), one line naming the path and the cause. Should
+the removal fail too, what is left has no fljob_index.json: the trainer will not read it,
+a later run names it as a partial dataset, and --overwrite replaces it.
 
 --validation-fraction F holds out about F of the documents for the held-out loss that
 training.validation_interval evaluates. Each document goes whole to one side, decided by a
@@ -310,22 +338,28 @@ examples:
 
 def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="prepare training data (text/JSONL -> MDS shards)")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND",
+                                   parser_class=_OneLineParser)
     p = data_sub.add_parser(
         "prepare", help="tokenize and pack text into zstd MDS shards (local or s3://)",
         description="Tokenize text, pack it into fixed-length samples and write MDS shards.",
         epilog=DATA_PREPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="text file, JSONL file, folder of them, or builtin:pydoc")
-    p.add_argument("dest", help="output folder or s3://bucket/prefix (must be empty)")
+    p.add_argument("dest", help="output folder or s3://bucket/prefix (new or empty)")
     p.add_argument("--seq-len", type=int, default=128,
                    help="tokens per training sequence; samples hold seq-len+1 (default: 128)")
     p.add_argument("--tokenizer", metavar="PATH_OR_URI",
                    help="tokenizer.json (path or s3:// URI); default: train a byte-level BPE on SRC")
     p.add_argument("--vocab-size", type=int,
-                   help="vocabulary of the trained BPE (default: the model flavors' 8192)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--shard-size", default="64mb", help="uncompressed shard size limit (default: 64mb)")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
+                   help="vocabulary of the trained BPE, at least 257 (default: the model "
+                        "flavors' 8192); not with --tokenizer")
+    p.add_argument("--text-field", default="text",
+                   help="JSONL field holding the text (default: text); only for JSONL input")
+    p.add_argument("--shard-size", default="64mb",
+                   help="uncompressed shard size limit, below 4gb: 512kb, 64mb, 1gb "
+                        "(default: 64mb)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset (complete or partial) at DEST: it is removed first")
     p.add_argument("--validation-fraction", type=float, metavar="F",
                    help="hold out about F of the documents (0 < F < 1): write DEST/train and "
                         "DEST/validation instead of one dataset (see below)")
@@ -532,7 +566,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     config = PrepareConfig(
         src=args.src, dest=args.dest, seq_len=args.seq_len, tokenizer=args.tokenizer,
         text_field=args.text_field, shard_size=args.shard_size, overwrite=args.overwrite)
-    if args.vocab_size:
+    if args.vocab_size is not None:
+        if args.tokenizer:
+            raise UsageError("--vocab-size sizes the BPE trained on SRC; with --tokenizer the "
+                             "vocabulary is the tokenizer's: leave one of them out")
         config = dataclasses.replace(config, vocab_size=args.vocab_size)
     if args.validation_fraction is None:
         written = {args.dest: prepare_mds(config, progress=not args.no_progress)}
@@ -624,6 +661,12 @@ def cmd_mup(args: argparse.Namespace) -> int:
                           ("--min-sp-slope", args.min_sp_slope)):
         if not value > 0:
             raise UsageError(f"{option} must be positive, got {value}")
+    from fljob.files import check_writable
+
+    if args.output.is_dir():
+        raise UsageError(f"-o {args.output} is a folder; name the PNG to write, e.g. "
+                         f"{args.output / 'coord_check.png'}")
+    check_writable(args.output.parent)  # now, not after minutes of training
     from fljob.exitcodes import FAILED, OK
     from fljob.trainer.coord_check import (
         Bounds,
@@ -641,7 +684,7 @@ def cmd_mup(args: argparse.Namespace) -> int:
         sweep_args(spec, config)
     except ValueError as exc:  # a width the flavor's heads cannot make
         raise UsageError(f"--widths: {exc}") from None
-    result = run_coord_check(spec, config)
+    result = run_coord_check(spec, config, progress=not args.no_progress)
     checks = verdict(result, Bounds(max_mup_slope=args.max_mup_slope,
                                     min_sp_slope=args.min_sp_slope))
     for path in write_outputs(result, checks, args.output):

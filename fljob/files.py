@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,16 @@ CAUSES = {
 }
 
 
+def cause(exc: OSError) -> str:
+    """What went wrong, in words (the errno's, or the system's own)."""
+    return CAUSES.get(exc.errno or 0, exc.strerror or str(exc))
+
+
 class WriteError(UsageError):
     """A file could not be written; nothing of the batch was left behind."""
 
     def __init__(self, path: Path, exc: OSError) -> None:
-        cause = CAUSES.get(exc.errno or 0, exc.strerror or str(exc))
-        super().__init__(f"cannot write {elide(path)}: {cause}. Choose another output folder, or free or "
+        super().__init__(f"cannot write {elide(path)}: {cause(exc)}. Choose another output folder, or free or "
                          "fix that one; nothing was written")
         self.path = path
 
@@ -75,3 +80,22 @@ def write_files(folder: Path, files: Iterable[OutFile]) -> list[Path]:
                 pass
         raise WriteError(target, exc) from None
     return [t for _, t in staged]
+
+
+def check_writable(folder: Path) -> None:
+    """Raise :class:`WriteError` now when ``folder`` could not be created or written to later,
+    so that a command that computes for minutes before it writes is refused before it starts.
+
+    The nearest existing folder of the path gets an empty probe file, removed at once: only a
+    real write tells a read-only file system or a missing permission apart (root ignores
+    permission bits). Nothing is created on the way.
+    """
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p == p.parent)
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        fd, probe = tempfile.mkstemp(prefix=".fljob-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise WriteError(folder, exc) from None

@@ -25,6 +25,7 @@ show a muP error either). MUP.md, "Coordinate checks", has the numbers behind th
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fljob.files import OutFile, write_files
 from fljob.spec.models import JobSpec
 from fljob.trainer.model.args import ModelArgs
 from fljob.trainer.model.flavors import args_for_spec, flavor_name, get_flavor, with_shape
@@ -341,8 +343,8 @@ def verdict_report(result: CoordCheckResult, checks: Sequence[Check]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: CoordCheckResult, checks: Sequence[Check], path: Path) -> None:
-    """One row per parametrisation, one column per layer kind, one line per step; each
+def plot(result: CoordCheckResult, checks: Sequence[Check]) -> bytes:
+    """The PNG: one row per parametrisation, one column per layer kind, one line per step; each
     panel's title has the slope after the last step and its verdict.
 
     Rows share each column's y-axis, and every column spans at least ``MIN_OCTAVES``, so
@@ -395,18 +397,20 @@ def plot(result: CoordCheckResult, checks: Sequence[Check], path: Path) -> None:
         f"averaged over blocks",
         fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def write_outputs(result: CoordCheckResult, checks: Sequence[Check],
                   png: Path) -> tuple[Path, Path]:
-    """The plot at ``png`` and the raw numbers and the verdict beside it (``.json``)."""
-    plot(result, checks, png)
-    raw = png.with_suffix(".json")
+    """The plot at ``png`` and the raw numbers and the verdict beside it (``.json``): both or
+    neither (:func:`fljob.files.write_files`: a full or read-only folder leaves nothing)."""
     rows = [{**dataclasses.asdict(c), "passed": c.passed} for c in checks]
     data = {**result.to_json(), "verdict": {"passed": all(c.passed for c in checks),
                                             "checks": rows}}
-    raw.write_text(json.dumps(data, indent=1) + "\n")
-    return png, raw
+    raw = json.dumps(data, indent=1) + "\n"
+    png_path, raw_path = write_files(png.parent, [OutFile(png.name, plot(result, checks)),
+                                                  OutFile(png.with_suffix(".json").name, raw)])
+    return png_path, raw_path
