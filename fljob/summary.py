@@ -44,6 +44,7 @@ class RunSummary:
     diverged: bool = False
     tokens_seen: int = 0
     elapsed_s: float = 0.0
+    goodput: dict[str, float] | None = None  # restarts, lost steps, ratio...: trainer.metrics.goodput
     params: int | None = None
     width: int | None = None
     depth: int | None = None

@@ -127,7 +127,8 @@ def test_issue_panels_are_present():
     titles = " | ".join(p["title"].lower() for p in _panels())
     for wanted in ("loss", "held-out loss", "learning rate", "tokens/s", "mfu", "step time p50 / p95",
                    "gradient norm", "update / parameter", "moment", "data wait",
-                   "checkpoint age", "device memory"):
+                   "checkpoint age", "device memory", "goodput", "restarts", "lost steps",
+                   "start-up time", "checkpoint blocking", "productive, checkpoint and wall time"):
         assert wanted in titles, wanted
 
 

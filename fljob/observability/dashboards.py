@@ -89,6 +89,7 @@ def training_rows() -> list[Row]:
     """The training dashboard's content, top to bottom."""
     checkpoint_age = f"time() - {sel(s.CHECKPOINT_COMMITTED)}"
     tokens_per_s = f"sum by (job, run_id) ({rate(s.TOKENS)})"
+    g = s.GOODPUT
     return [
         Row("Overview", [
             _stat("Step", sel(s.STEP), "none", s.STEP.help),
@@ -143,6 +144,23 @@ def training_rows() -> list[Row]:
             Panel("Checkpoint size", [Target(sel(s.CHECKPOINT_SIZE))], unit="bytes", width=12,
                   description=s.CHECKPOINT_SIZE.help),
         ]),
+        Row("Goodput across restarts", [
+            _stat("Goodput", sel(g["ratio"]), "percentunit", g["ratio"].help),
+            _stat("Restarts", sel(g["restarts"]), "none", g["restarts"].help),
+            _stat("Lost steps", sel(g["lost_steps"]), "none", g["lost_steps"].help),
+            _stat("Start-up time", sel(g["startup_s"]), "s", g["startup_s"].help),
+            _stat("Checkpoint blocking", sel(g["checkpoint_blocked_s"]), "s",
+                  g["checkpoint_blocked_s"].help),
+            _stat("Wall time", sel(g["wall_s"]), "s", g["wall_s"].help),
+            Panel("Productive, checkpoint and wall time",
+                  [Target(sel(g["productive_s"]), "productive {{run_id}}"),
+                   Target(sel(g["checkpoint_blocked_s"]), "checkpoint blocking {{run_id}}"),
+                   Target(sel(g["wall_s"]), "wall {{run_id}}")],
+                  unit="s", width=12, description="Totals over every process of the run, restored "
+                                                  "from the checkpoint at each restart."),
+            Panel("Goodput over time", [Target(sel(g["ratio"]))], unit="percentunit", width=12,
+                  description=g["ratio"].help),
+        ]),
     ]
 
 
@@ -192,7 +210,7 @@ def training_dashboard() -> dict[str, Any]:
         "uid": DASHBOARD_UID,
         "title": "fljob training",
         "description": "Live muP pretraining runs exported by fljob (loss, throughput, optimizer "
-                       "statistics per muP group, data, checkpoints, memory).",
+                       "statistics per muP group, data, checkpoints, memory, goodput).",
         "tags": ["fljob", "training"],
         "editable": True,
         "graphTooltip": 1,
@@ -250,9 +268,8 @@ def rendered_files(namespace: str | None = None) -> dict[str, str]:
 
 
 def write_dashboard_files(folder: Path, namespace: str | None = None) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in rendered_files(namespace).items():
-        (folder / name).write_text(text, encoding="utf-8")
-        written.append(folder / name)
-    return written
+    """The three files in ``folder``, all or none (a UsageError naming path and cause)."""
+    from fljob.files import OutFile, write_files
+
+    files = rendered_files(namespace)
+    return write_files(folder, [OutFile(name, text) for name, text in files.items()])

@@ -9,7 +9,7 @@ bytes, ratios 0-1), ``_total`` on counters. Every series carries ``job`` and ``r
 (:data:`RUN_LABELS`); per-group series add ``group``, the muP parameter group (a handful of
 values plus ``all``), never one value per tensor. Counters count from zero in each process
 (a resumed run restarts them, which ``rate()`` handles); the progress a checkpoint restores
-(step, consumed tokens) is exported as gauges.
+(step, consumed tokens, the goodput totals) is exported as gauges.
 """
 
 from __future__ import annotations
@@ -110,12 +110,34 @@ CHECKPOINT_COMMITTED = Series(
     "fljob_checkpoint_last_commit_timestamp_seconds", "gauge",
     "Unix time the last checkpoint was committed; its age is time() minus this.")
 
+GOODPUT = {
+    key: Series(name, "gauge", text)
+    for key, name, text in (
+        ("restarts", "fljob_goodput_restarts",
+         "Times the run was started again and resumed (requeues, resubmissions)."),
+        ("lost_steps", "fljob_goodput_lost_steps",
+         "Steps trained and then lost before a restart (never committed), over the run's life."),
+        ("checkpoint_blocked_s", "fljob_goodput_checkpoint_blocked_seconds",
+         "Time the training loop waited on checkpoint saves, over the run's life."),
+        ("startup_s", "fljob_goodput_startup_seconds",
+         "Time from this process's start to its first training step."),
+        ("productive_s", "fljob_goodput_productive_seconds",
+         "Time spent in training steps the run kept (lost steps excluded), over the run's life."),
+        ("wall_s", "fljob_goodput_wall_seconds",
+         "Wall time of all the run's trainer processes so far (queue time excluded)."),
+        ("ratio", "fljob_goodput_ratio", "Productive step time as a fraction of wall time (0-1)."),
+    )
+}
+"""Goodput across requeues, by the key of the record's ``goodput`` section
+(:mod:`fljob.trainer.metrics.goodput`). All gauges: every value but the start-up time is a
+total the checkpoint carries from process to process."""
+
 ALL: tuple[Series, ...] = (
     STEP, CONSUMED_TOKENS, TOKENS, TOKENS_PER_SECOND, LOSS, LOSS_MAX, GRAD_NORM, LEARNING_RATE, MFU,
     STEP_DURATION, DATA_WAIT, DEVICE_MEMORY, VALIDATION_LOSS, DIVERGED, LAST_STEP_TIME, START_TIME,
     *OPTIMIZER.values(),
     CHECKPOINT_SAVE_DURATION, CHECKPOINT_WRITTEN_BYTES, CHECKPOINT_SIZE, CHECKPOINT_STEP,
-    CHECKPOINT_COMMITTED,
+    CHECKPOINT_COMMITTED, *GOODPUT.values(),
 )
 
 

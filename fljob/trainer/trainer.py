@@ -20,7 +20,10 @@ validator, then ``should_continue_training()`` before the next step. This subcla
   steps make a run that silently differs from its spec; the decision belongs to the person
   (or the sweep) that chose the settings, and the committed checkpoints stay the good ones;
 * hears every held-out evaluation (:mod:`.validation`) and rewrites ``<run_dir>/summary.json``
-  (:mod:`fljob.summary`) after each one; :meth:`FljobTrainer.finish` writes the final one.
+  (:mod:`fljob.summary`) after each one; :meth:`FljobTrainer.finish` writes the final one;
+* keeps the run's ledger (:mod:`.metrics.goodput`): restored from the resumed checkpoint
+  before the first step (then the metrics processor opens TensorBoard and W&B under the
+  run's tracking id), told when each step begins and ends, carried by every checkpoint.
 
 Everything else (the step, clipping, schedules, FSDP) is torchtitan's.
 """
@@ -45,6 +48,7 @@ from fljob.trainer.checkpoint.store import describe_error, step_name
 from fljob.trainer.data.builder import Batch
 from fljob.trainer.divergence import LIKELY_FIXES, Diverged, find_non_finite
 from fljob.trainer.job_config import job_spec
+from fljob.trainer.metrics.goodput import RunLedger
 from fljob.trainer.metrics.processor import FljobMetricsProcessor
 from fljob.trainer.metrics.prometheus import run_labels
 from fljob.trainer.preemption import Preemption
@@ -67,6 +71,11 @@ class FljobTrainer(Trainer):
         self.validation: tuple[int, float] | None = None  # (step, held-out loss), the last one
         self.earlier: RunSummary | None = None  # what the attempts before a resume reported
         self.metrics_processor.watch(self.optimizers, lambda: self.step)
+        job, run_id = run_labels(self.spec)
+        self.ledger = RunLedger(job=job, run_id=run_id, run_dir=self.spec.resolved_run_dir,
+                                blocked_seconds=lambda: self.checkpointer.blocked_seconds,
+                                rank0=dist.get_rank() == 0)
+        self.checkpointer.run_entry = self.ledger.manifest_entry
         if job_config.validation.enable:
             self.validator.listeners.append(self._after_validation)
 
@@ -74,6 +83,8 @@ class FljobTrainer(Trainer):
         if not self._started:  # the first check follows the resume: say why nothing will run
             self._started = True
             self._read_earlier_summary()
+            self.ledger.resume(self.step, self.checkpointer.resumed_manifest)
+            self.metrics_processor.start_run(self.ledger, first_step=self.step + 1)
             steps = self.job_config.training.steps
             if self.step >= steps:
                 logger.warning(f"Resumed at step {self.step}, already training.steps ({steps}): nothing "
@@ -96,6 +107,7 @@ class FljobTrainer(Trainer):
 
     def train_step(self, data_iterator: Iterator[Batch]) -> None:
         """torchtitan's step, then the divergence check (before the loop may save it)."""
+        self.ledger.begin_step()
         self._step_losses = []
         super().train_step(data_iterator)
         grads = [p.grad for part in self.model_parts for p in part.parameters() if p.grad is not None]
@@ -103,6 +115,7 @@ class FljobTrainer(Trainer):
         self._step_losses = []
         if found:
             self._diverge(found.describe() + self._logged_values())
+        self.ledger.end_step(self.step)
 
     def _logged_values(self) -> str:
         """The step's global loss and gradient norm, when this step was logged."""
@@ -170,6 +183,7 @@ class FljobTrainer(Trainer):
             # Every data-parallel rank reads as many tokens; the TP peers of one read the same.
             tokens_seen=self.ntokens_seen * (dims.world_size // dims.non_data_parallel_size),
             elapsed_s=(earlier.elapsed_s if earlier else 0.0) + time.perf_counter() - self.began,
+            goodput=self.ledger.metrics(),
             params=args.num_params(), width=args.dim, depth=args.n_layers,
             trial=spec.trial.model_dump(mode="json") if spec.trial else None,
             spec=spec.model_dump(mode="json"))
@@ -196,3 +210,7 @@ class FljobTrainer(Trainer):
             dist.all_reduce(done)
             done.item()
 
+    def close(self) -> None:
+        """The ledger's last word (the final save's time, the wall time), then torchtitan's close."""
+        self.ledger.save_progress()
+        super().close()

@@ -163,6 +163,21 @@ def test_prometheus_scraped_the_run_through_file_sd(prometheus_stack, observed_r
     assert max(_finite_values(steps)) == 16  # the last step was scraped (the linger)
 
 
+def test_goodput_of_a_run_without_restarts(prometheus_stack, observed_run):
+    """One process, two checkpoints (steps 8 and 16), nothing lost: the last scraped values."""
+    def last(name: str) -> float:
+        result = _query_range(prometheus_stack["prometheus"], f'{name}{{run_id="{observed_run.run_id}"}}',
+                              observed_run)
+        return _finite_values(result)[-1]
+
+    assert last("fljob_goodput_restarts") == 0 and last("fljob_goodput_lost_steps") == 0
+    wall, productive = last("fljob_goodput_wall_seconds"), last("fljob_goodput_productive_seconds")
+    assert 0 < productive < wall < observed_run.end - observed_run.start + 60
+    assert last("fljob_goodput_ratio") == pytest.approx(productive / wall, rel=1e-6)
+    assert 0 < last("fljob_goodput_startup_seconds") < wall
+    assert last("fljob_goodput_checkpoint_blocked_seconds") > 0  # step 8's save, before step 9's record
+
+
 def test_every_dashboard_query_returns_data(prometheus_stack, observed_run):
     empty = []
     answered = {}
@@ -177,6 +192,8 @@ def test_every_dashboard_query_returns_data(prometheus_stack, observed_run):
                 answered[f"{panel['title']} [{target['refId']}]"] = values[-1]
     sys.stderr.write("\n" + "\n".join(f"  {k}: {v:.6g}" for k, v in answered.items()) + "\n")
     assert not empty, "panels without data:\n" + "\n".join(empty)
+    goodput_row = next(r for r in dashboards.training_rows() if r.title.startswith("Goodput"))
+    assert {p.title for p in goodput_row.panels} <= {k.split(" [")[0] for k in answered}
 
 
 def test_a_cancelled_run_removes_its_target_and_group(prometheus_stack, tmp_path):

@@ -4,14 +4,18 @@ endpoint/target lifecycle (the real-Prometheus test is tests/integration/test_ob
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import shutil
 import socket
 import subprocess
+import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_train import RUN_TIMEOUT_S, fljob_argv, fljob_env, write_spec
 
 from fljob.observability import series
 from fljob.spec.models import JobSpec
@@ -32,6 +36,8 @@ def _record(tokens_seen: int = 4096, loss: float = 6.5, with_optim: bool = True)
         "lr": {g: 1e-3 * (i + 1) for i, g in enumerate(GROUPS)},
         "tokens_per_s": 2000.0, "tokens_seen": tokens_seen, "mfu_pct": 12.5,
         "tokens": 1024, "data_wait_s": 0.25, "memory_bytes": 3 * 2**30,
+        "goodput": {"restarts": 2.0, "lost_steps": 7.0, "checkpoint_blocked_s": 12.5,
+                    "startup_s": 40.0, "productive_s": 300.0, "wall_s": 400.0, "ratio": 0.75},
     }
     if with_optim:
         stats = {"param_norm": 10.0, "grad_norm": 0.5, "grad_max_abs": 0.1, "update_norm": 0.01,
@@ -82,6 +88,8 @@ def test_values_are_in_base_units():
     assert _value(metrics, "fljob_step_duration_seconds_count") == 1
     assert _value(metrics, "fljob_step_duration_seconds_bucket", le="0.5") == 1
     assert _value(metrics, "fljob_step_duration_seconds_bucket", le="0.25") == 0
+    assert _value(metrics, "fljob_goodput_ratio") == 0.75
+    assert _value(metrics, "fljob_goodput_checkpoint_blocked_seconds") == 12.5
 
 
 def test_counters_restart_at_zero_while_restored_progress_is_a_gauge():
@@ -95,6 +103,9 @@ def test_counters_restart_at_zero_while_restored_progress_is_a_gauge():
     assert _value(resumed, "fljob_consumed_tokens") == 3072
     assert _value(resumed, "fljob_step") == 3
     assert _value(resumed, "fljob_data_wait_seconds_total") == pytest.approx(0.25)
+    # The goodput totals come restored from the checkpoint: gauges, as the record has them.
+    assert _value(resumed, "fljob_goodput_restarts") == 2
+    assert _value(resumed, "fljob_goodput_lost_steps") == 7
 
 
 def test_held_out_loss_and_divergence_are_gauges_of_the_run():
@@ -159,8 +170,9 @@ def test_endpoint_and_file_sd_target_live_as_long_as_the_exporter(tmp_path, monk
     assert prometheus._ACTIVE is None
 
 
-def test_a_taken_port_falls_back_to_a_free_one_and_announces_it(tmp_path, monkeypatch):
+def test_a_taken_port_falls_back_to_a_free_one_and_announces_it(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("FLJOB_METRICS_HOST", "node017")
+    caplog.set_level(logging.INFO, logger=prometheus.__name__)
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", PORTS[1]))
         taken.listen()
@@ -172,3 +184,42 @@ def test_a_taken_port_falls_back_to_a_free_one_and_announces_it(tmp_path, monkey
             assert "fljob_start_time_seconds" in _get(logger.port)
         finally:
             logger.close()
+    assert (f"metrics.port {PORTS[1]} is not free" in caplog.text
+            and f"serving /metrics on port {logger.port} instead" in caplog.text), caplog.text
+    assert f"Prometheus metrics at http://node017:{logger.port}/metrics" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_run_whose_port_is_taken_names_the_port_it_serves_in_its_log_and_file_sd_target(tmp_path):
+    """Another process holds metrics.port: the run (through the local backend) serves on a
+    free port, and its log line and the file_sd target a SLURM Prometheus reads both name it."""
+    sd = tmp_path / "sd"
+    targets: set[str] = set()
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        spec = write_spec(tmp_path, "adamw", procs=1, steps=4,
+                          sections={"metrics": {"port": port, "file_sd_dir": str(sd)}})
+        env = {**fljob_env(), "FLJOB_METRICS_HOST": "node017", "FLJOB_METRICS_LINGER_SECONDS": "1"}
+        log = tmp_path / "output.log"
+        with open(log, "w") as out, subprocess.Popen(
+                fljob_argv("submit", "--backend", "local", str(spec)), cwd=tmp_path, env=env,
+                stdout=out, stderr=subprocess.STDOUT) as proc:
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while proc.poll() is None and time.monotonic() < deadline:
+                for path in sd.glob("*.json"):
+                    try:
+                        targets.update(*(e["targets"] for e in json.loads(path.read_text())))
+                    except (OSError, ValueError):  # removed while read: the run ended
+                        pass
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+    output = log.read_text()
+    assert proc.wait() == 0, output[-3000:]
+    served = {int(p) for p in re.findall(r"Prometheus metrics at http://node017:(\d+)/metrics", output)}
+    assert len(served) == 1 and port not in served, output[-3000:]
+    assert f"metrics.port {port} is not free" in output
+    assert targets == {f"node017:{p}" for p in served}
+    assert not list(sd.glob("*.json"))  # removed at the end

@@ -95,6 +95,12 @@ class FljobCheckpointManager(CheckpointManager):
         self.async_error: str | None = None
         self.committed_bytes = 0  # shard bytes of the newest commit (rank 0), for metrics
         self.async_committed = threading.Event()
+        # Goodput (fljob.trainer.metrics.goodput): what every manifest carries of the run (its
+        # tracking id and ledger), the resumed step's manifest (rank 0), and the time the
+        # training loop spent in saves that were due.
+        self.run_entry: Callable[[], Mapping[str, Any]] = dict
+        self.resumed_manifest: dict[str, Any] | None = None
+        self.blocked_seconds = 0.0
         self.lock: CheckpointLock | None = None  # rank 0's
         self._on_rank0(self._take_lock, f"cannot lock the checkpoint location {store.uri}")
 
@@ -153,6 +159,13 @@ class FljobCheckpointManager(CheckpointManager):
         """Save ``curr_step`` if it is due; a failure is fatal only for the final save."""
         if not self._should_save(curr_step, last_step):
             return
+        began = time.monotonic()
+        try:
+            self._save(curr_step, last_step)
+        finally:
+            self.blocked_seconds += time.monotonic() - began
+
+    def _save(self, curr_step: int, last_step: bool) -> None:
         self._async_wait()
         if curr_step == self.committed_step:  # e.g. a requeue right after an interval save
             logger.info(f"{self.store.step_uri(curr_step)} is already committed")
@@ -166,7 +179,7 @@ class FljobCheckpointManager(CheckpointManager):
         asynchronous = self.async_mode == AsyncMode.ASYNC and not last_step
         manifest = build_manifest(self.spec, step=curr_step, world_size=self.world_size,
                                   rank_tokens_seen=int(self.states["train_state"].ntokens_seen),
-                                  compatibility=self.compatibility)
+                                  compatibility=self.compatibility, run=self.run_entry())
         if error is None:
             try:
                 future = self.dcp_save(self._flattened_model_states_sd(), checkpoint_id,
@@ -443,8 +456,8 @@ class FljobCheckpointManager(CheckpointManager):
         except ValueError:
             manifest = {}
         step_uri = self.store.step_uri(step)
-        result = compare(manifest if isinstance(manifest, dict) else {}, self.compatibility,
-                         dump_spec(self.spec))
+        self.resumed_manifest = manifest if isinstance(manifest, dict) else {}
+        result = compare(self.resumed_manifest, self.compatibility, dump_spec(self.spec))
         if result.incompatible:
             raise UsageError(result.refusal(step_uri))
         if len(result.unrecorded) == len(self.compatibility):

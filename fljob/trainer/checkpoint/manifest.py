@@ -46,10 +46,13 @@ def git_sha() -> str | None:
 
 
 def build_manifest(spec: JobSpec, *, step: int, world_size: int, rank_tokens_seen: int,
-                   compatibility: Mapping[str, Any]) -> dict[str, Any]:
+                   compatibility: Mapping[str, Any],
+                   run: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``rank_tokens_seen`` is the trainer's own counter: tokens this rank consumed (the
     metrics' ``tokens_seen`` sums it over the data-parallel ranks). ``compatibility`` is
-    what a resume compares with its own spec (:mod:`.compat`)."""
+    what a resume compares with its own spec (:mod:`.compat`); ``run`` what the run carries
+    from process to process (its tracking id and goodput ledger,
+    :mod:`fljob.trainer.metrics.goodput`)."""
     versions = {p: _version(p) for p in _PACKAGES}
     versions["python"] = platform.python_version()
     return {
@@ -62,5 +65,6 @@ def build_manifest(spec: JobSpec, *, step: int, world_size: int, rank_tokens_see
         "git_sha": git_sha(),
         "versions": versions,
         "compatibility": dict(compatibility),
+        "run": dict(run or {}),
         "spec": dump_spec(spec),
     }

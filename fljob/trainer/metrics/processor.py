@@ -2,9 +2,11 @@
 
 torchtitan computes loss, gradient norm, throughput and memory on every logging step and
 hands one dict to its logger backends. This subclass adds what muP training needs to see
-(the learning rate of every parameter group, and the optimizer statistics of
-:mod:`.optimizer_stats`), then, on rank 0, renames the dict into fljob's record and hands it
-to fljob's sinks: ``<run_dir>/metrics.jsonl`` and the stdout progress line.
+(the learning rate of every parameter group, the optimizer statistics of
+:mod:`.optimizer_stats` and the goodput of :mod:`.goodput`), then, on rank 0, renames the dict
+into fljob's record and hands it to fljob's sinks: ``<run_dir>/metrics.jsonl``, the stdout
+progress line, Prometheus (:mod:`.prometheus`, when ``metrics.enabled``), and TensorBoard and
+W&B (:mod:`.tracking`, when the spec sets them; they open once the run's identity is known).
 
 A record::
 
@@ -13,12 +15,15 @@ A record::
      "tokens_per_s_per_device": 10672.5, "tokens_seen": 40960, "step_time_s": 0.096,
      "data_time_s": 0.001, "elapsed_s": 7.4, "mfu_pct": 0.0, "memory_gib": 0.6,
      "tokens": 40960, "data_wait_s": 0.01, "memory_bytes": 644245094,
-     "optim": {"hidden": {"grad_norm": 0.8, "update_ratio": 0.002, ...}, "all": {...}}}
+     "optim": {"hidden": {"grad_norm": 0.8, "update_ratio": 0.002, ...}, "all": {...}},
+     "goodput": {"restarts": 1.0, "lost_steps": 0.0, "checkpoint_blocked_s": 1.2,
+                 "startup_s": 6.1, "productive_s": 5.0, "wall_s": 14.3, "ratio": 0.35}}
 
 ``optim`` appears on logging steps that are multiples of ``metrics.optimizer_interval``.
 ``tokens`` (all ranks), ``data_wait_s`` and ``memory_bytes`` (peak reserved; both the largest
-over ranks) cover the steps since the previous record; rank 0 also exports the record to
-Prometheus (:mod:`.prometheus`) when ``metrics.enabled``.
+over ranks) cover the steps since the previous record. ``goodput`` is rank 0's ledger as of
+the record (:mod:`.goodput`: totals over every process of the run, ``startup_s`` this
+process's).
 
 A held-out evaluation (:mod:`fljob.trainer.validation`) is a record of its own, after the
 training record of the same step; it has no ``loss`` key, so readers of the training loss
@@ -47,6 +52,7 @@ from torchtitan.distributed import ParallelDims
 
 from fljob.trainer.job_config import job_spec
 from fljob.trainer.metrics import VALIDATION_LOSS
+from fljob.trainer.metrics.goodput import RunLedger
 from fljob.trainer.metrics.jsonl import JsonlLogger
 from fljob.trainer.metrics.optimizer_stats import OptimizerStats
 from fljob.trainer.metrics.progress import ProgressLogger
@@ -67,6 +73,7 @@ def fljob_record(metrics: dict[str, Any], world_size: int, elapsed_s: float) -> 
         if key.startswith("optim/"):
             _, group, stat = key.split("/", 2)
             optim.setdefault(group, {})[stat] = value
+    goodput = {k.removeprefix("goodput/"): v for k, v in metrics.items() if k.startswith("goodput/")}
     per_device = metrics["throughput(tps)"]
     record: dict[str, Any] = {
         "loss": metrics["loss_metrics/global_avg_loss"],
@@ -88,6 +95,8 @@ def fljob_record(metrics: dict[str, Any], world_size: int, elapsed_s: float) -> 
     }
     if optim:
         record["optim"] = optim
+    if goodput:
+        record["goodput"] = goodput
     return record
 
 
@@ -121,18 +130,20 @@ class FljobMetricsProcessor(MetricsProcessor):
     """torchtitan's processor plus per-group lrs, optimizer statistics and fljob's sinks.
 
     Built by the TrainSpec like torchtitan's; the trainer then calls :meth:`watch` once
-    its optimizers exist.
+    its optimizers exist, and :meth:`start_run` once the checkpoint is loaded.
     """
 
     def __init__(self, job_config: JobConfig, parallel_dims: ParallelDims, tag: str | None = None):
         super().__init__(job_config, parallel_dims, tag)
-        spec = job_spec(job_config)
+        spec = self.spec = job_spec(job_config)
         self.optimizer_interval = spec.metrics.optimizer_interval
         self._stats: OptimizerStats | None = None
         self._step_lrs: dict[str, float] = {}
         self._step_stats: dict[str, float] = {}
         self._device = torch.device("cpu")  # the optimizer's, once watched
         self._prometheus: PrometheusLogger | None = None
+        self._records: RecordLogger | None = None  # rank 0's
+        self._ledger: RunLedger | None = None
         self._last_step_end: float | None = None
         # The last logged step's global values (every rank has them: torchtitan reduces them).
         self.last_logged_step: int | None = None
@@ -146,10 +157,21 @@ class FljobMetricsProcessor(MetricsProcessor):
             if spec.metrics.enabled:
                 self._prometheus = build_prometheus_logger(spec)
                 sinks.append(self._prometheus)
+            self._records = RecordLogger(sinks, parallel_dims.world_size)
             loggers = LoggerContainer()
-            loggers.add_logger(self.logger)  # torchtitan's own (TensorBoard/W&B when enabled)
-            loggers.add_logger(RecordLogger(sinks, parallel_dims.world_size))
+            loggers.add_logger(self.logger)  # torchtitan's own: fljob leaves its TensorBoard/W&B off
+            loggers.add_logger(self._records)
             self.logger = loggers
+
+    def start_run(self, ledger: RunLedger, first_step: int) -> None:
+        """Once the checkpoint is loaded (the run's identity restored): records carry the
+        ledger's goodput from now on, and rank 0 opens the TensorBoard and W&B sinks."""
+        self._ledger = ledger
+        metrics = self.spec.metrics
+        if self._records is not None and (metrics.tensorboard is not None or metrics.wandb is not None):
+            from fljob.trainer.metrics.tracking import open_tracking_sinks  # 0.1 s of imports
+
+            self._records.sinks += open_tracking_sinks(self.spec, ledger.tracking_id, first_step)
 
     def watch(self, optimizers: OptimizersContainer, current_step: Callable[[], int]) -> None:
         """Observe every optimizer step through hooks on the container.
@@ -191,6 +213,8 @@ class FljobMetricsProcessor(MetricsProcessor):
         extra.update({f"lr/{name}": lr for name, lr in self._step_lrs.items()})
         extra.update(self._step_stats)
         extra.update(self._window_metrics())
+        if self._ledger is not None:
+            extra.update({f"goodput/{k}": v for k, v in self._ledger.metrics().items()})
         self._step_stats = {}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
 

@@ -10,7 +10,8 @@ Serving follows the backend: Kubernetes scrapes the master pod's ``metrics`` por
 rendered PodMonitor; on SLURM the job writes a ``file_sd`` target (:mod:`.scrape_target`)
 when ``metrics.file_sd_dir`` is set; where nodes cannot be scraped it pushes
 (:mod:`.pushgateway`) to ``metrics.pushgateway.url``. The port is ``metrics.port``; when it is
-taken (two jobs on one shared node) the exporter binds a free one and announces that one.
+taken (two jobs on one shared node) the exporter binds a free one and announces that one:
+its log line ``Prometheus metrics at http://<host>:<port>/metrics``, the file_sd target.
 
 Checkpoint code reports each committed save through :func:`record_checkpoint`.
 
@@ -98,6 +99,8 @@ class TrainingMetrics:
             for stat, value in stats.items():
                 if stat in series.OPTIMIZER:  # `lr` is already fljob_learning_rate
                     self._child(series.OPTIMIZER[stat], group).set(value)
+        for key, value in record.get("goodput", {}).items():
+            self._child(series.GOODPUT[key]).set(value)
 
     def observe_validation(self, record: dict[str, Any]) -> None:
         """Export one held-out evaluation record (see :mod:`.processor`)."""
@@ -182,7 +185,10 @@ def build_prometheus_logger(spec: JobSpec) -> PrometheusLogger:
     pusher = (Pusher(gateway.url, metrics.registry, job, run_id, gateway.interval_seconds)
               if gateway else None)
     _ACTIVE = PrometheusLogger(metrics, spec.metrics.port, spec.metrics.file_sd_dir, pusher)
-    log.info("Prometheus metrics on :%d/metrics (job=%s run_id=%s)", _ACTIVE.port, job, run_id)
+    # The port really bound: the local backend's hint, printed before the run, names the
+    # spec's port, which another job may hold.
+    log.info("Prometheus metrics at http://%s:%d/metrics (job=%s run_id=%s)",
+             scrape_target.advertised_host(), _ACTIVE.port, job, run_id)
     return _ACTIVE
 
 
