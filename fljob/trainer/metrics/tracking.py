@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -93,6 +94,13 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 class TensorBoardSink(BaseLogger):
     """fljob records as TensorBoard scalars in one run folder, local or uploaded to S3."""
 
+    # TensorBoard reads a folder's event files in name order. A name starts with the second
+    # the file was opened, then host, pid and a per-process counter that is not zero-padded,
+    # so two files opened in one second can sort out of order (``...9`` after ``...10``), and
+    # the reader would take the later one's steps for a restart. One new file per second.
+    _open_lock = threading.Lock()
+    _last_open_second = 0
+
     def __init__(self, folder: str, first_step: int, staging: Path | None = None,
                  upload_seconds: float = UPLOAD_SECONDS, rotate_bytes: int = ROTATE_BYTES) -> None:
         """``folder`` is the run's TensorBoard folder: a path, or an ``s3://`` prefix whose files
@@ -109,8 +117,12 @@ class TensorBoardSink(BaseLogger):
 
     def _open(self) -> None:
         self._suffix = f".fljob-{uuid.uuid4().hex[:12]}"  # tells the open file from the others
-        self._writer = EventFileWriter(str(self.local), flush_secs=LOCAL_FLUSH_SECONDS,
-                                       filename_suffix=self._suffix)
+        cls = TensorBoardSink
+        with cls._open_lock:
+            time.sleep(max(0.0, cls._last_open_second + 1 - time.time()))
+            self._writer = EventFileWriter(str(self.local), flush_secs=LOCAL_FLUSH_SECONDS,
+                                           filename_suffix=self._suffix)
+            cls._last_open_second = int(time.time())  # at or after the second in the name
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         values = [Summary.Value(tag=k, simple_value=v) for k, v in flatten(metrics).items()]
