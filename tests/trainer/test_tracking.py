@@ -237,12 +237,14 @@ def test_a_slow_sink_does_not_slow_the_caller_and_close_waits_for_its_records():
 
 
 def test_a_sink_that_falls_behind_drops_records_and_a_hung_one_is_left_behind(caplog):
-    hung = threading.Event()
+    hung, got_first = threading.Event(), threading.Event()
     sink = _Sink()
-    sink.log = lambda metrics, step: hung.wait(5)  # type: ignore[method-assign]
+    sink.log = lambda metrics, step: got_first.set() or hung.wait(5)  # type: ignore[method-assign]
     background = BackgroundLogger("Hung", lambda: sink, max_pending=2, close_seconds=0.2)
+    background.log({"loss": 1.0}, 1)
+    assert got_first.wait(5)  # the thread holds record 1 for good: nothing drains from here on
     with caplog.at_level(logging.WARNING):
-        for step in range(1, 10):
+        for step in range(2, 10):
             background.log({"loss": 1.0}, step)
         began = time.perf_counter()
         background.close()
