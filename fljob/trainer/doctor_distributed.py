@@ -18,6 +18,8 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
+    from fljob.trainer.process_group import end_process_group
+
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -36,10 +38,11 @@ def main() -> int:
             f"backend={backend} all_reduce_sum={value.item():g} expected={expected:g} {'ok' if ok else 'MISMATCH'}",
             flush=True,
         )
-        dist.barrier()
-        return 0 if ok else 1
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        end_process_group(all_ranks_here=False)
+        raise
+    end_process_group()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

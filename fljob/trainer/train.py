@@ -35,8 +35,6 @@ def main(spec: JobSpec) -> int:
     warnings.filterwarnings("ignore", message=r"In \w+ autocast, but the target dtype is not supported")
     _configure_logging(rank=int(os.environ["RANK"]))
 
-    import torch.distributed as dist
-
     from fljob.storage import apply_storage_environment
     from fljob.trainer import train_spec
     from fljob.trainer.data.builder import build_tokenizer
@@ -44,6 +42,7 @@ def main(spec: JobSpec) -> int:
     from fljob.trainer.divergence import Diverged
     from fljob.trainer.job_config import build_job_config
     from fljob.trainer.model.flavors import flavor_name, get_flavor
+    from fljob.trainer.process_group import end_process_group
     from fljob.trainer.trainer import FljobTrainer
 
     apply_storage_environment(spec.storage)  # endpoint, region, resolved credentials
@@ -70,10 +69,7 @@ def main(spec: JobSpec) -> int:
         trainer.finish(ended)
     finally:
         trainer.close()
-        if dist.is_initialized():
-            if ended != "failed":  # every rank is here: none tears gloo/NCCL down under a peer
-                dist.barrier()
-            dist.destroy_process_group()
+        end_process_group(all_ranks_here=ended != "failed")
     return {"diverged": DIVERGED, "preempted": REQUEUE}.get(ended, OK)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fljob.trainer.divergence import NonFinite, find_non_finite
+from fljob.trainer.process_group import end_process_group
 
 # Per case: what each rank holds (its loss parts, its gradient shards).
 CASES = {
@@ -47,7 +48,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                                 [torch.tensor(g) for g in grads], torch.device("cpu"))
         verdicts[name] = [found.loss, found.grad_norm]
     Path(out, f"rank{rank}.json").write_text(json.dumps(verdicts))
-    dist.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.slow

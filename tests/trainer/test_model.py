@@ -31,6 +31,7 @@ from fljob.trainer.model.mup import (
     group_scales,
     mup_param_groups,
 )
+from fljob.trainer.process_group import end_process_group
 
 HIDDEN_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight",
                    "w1.weight", "w2.weight", "w3.weight")
@@ -648,9 +649,10 @@ def _distributed_worker(rank: int, world: int, store: str) -> None:
                 ref_grad = reference_params[name.replace("_checkpoint_wrapped_module.", "")].grad
                 torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6,
                                            msg=lambda m, n=name, c=case: f"{n} {c}: {m}")
-        dist.barrier()  # tearing gloo down while the peer still talks aborts the peer
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        end_process_group(all_ranks_here=False)
+        raise
+    end_process_group()
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fljob.trainer.metrics.optimizer_stats import GLOBAL_GROUP, OptimizerStats
+from fljob.trainer.process_group import end_process_group
 
 GROUPS = ("embedding", "hidden", "vector", "output")
 BATCH = 4
@@ -356,8 +357,7 @@ def worker(rank: int, store: str, out: str) -> None:
     replicated = replicated_run(*replicated_setup(mesh))
     with open(f"{out}/rank{rank}.pkl", "wb") as f:
         pickle.dump({"fsdp": fsdp, "replicated": replicated, "collectives": seen}, f)
-    dist.barrier()  # a rank that tears gloo down while its peer still talks aborts the peer
-    dist.destroy_process_group()
+    end_process_group()
 
 
 @pytest.fixture(scope="module")

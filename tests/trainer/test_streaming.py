@@ -47,6 +47,7 @@ from fljob.trainer.data.streaming import (
     replication_for,
 )
 from fljob.trainer.data.tokenizer import TokenizerFile
+from fljob.trainer.process_group import end_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ = 16
@@ -228,8 +229,7 @@ def _shard_worker(rank: int, world: int, port: int, dest: str, cache: str, out: 
                      dp_world=world // tp)
     rows = _take(loader, 4)
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.slow
