@@ -62,6 +62,8 @@ BAD_SPECS = [
      "", 1, "multiple of parallelism.tensor_parallel_degree"),
     ("training: {device: cpu}\noptimizer: {implementation: fused}\n", "", 1, "CUDA only"),
     ("model: {width: 100}\n", "model", 2, "not a positive multiple of the flavor's head_dim 16"),
+    ("model: {tie_embeddings: true, zero_init_readout: true}\n", "model", 2,
+     "set model.tie_embeddings: false"),
     ("data:\n  validation: [{uri: s3://b/val}]\n", "data", 2, "data.validation needs data.streams"),
     ("data: {streams: [{uri: s3://b/train}]}\ntraining: {validation_interval: 10}\n", "", 1,
      "add data.validation streams"),

@@ -366,6 +366,12 @@ class ModelSpec(Strict):
     output_alpha: float = Field(1.0, gt=0)
     depth_alpha_exp: float = Field(1.0, ge=0, le=1, description="CompleteP residual scaling exponent.")
     init_std: float = Field(0.02, gt=0)
+    zero_init_readout: bool = Field(
+        False, description="Initialise the output (readout) matrix to zero, as Tensor Programs V "
+        "suggests for muP: the logits start at 0 at every width. Needs untied embeddings.")
+    zero_init_query: bool = Field(
+        False, description="Initialise every block's query matrix wq to zero (Tensor Programs V): "
+        "attention starts uniform at every width.")
     tie_embeddings: bool = False
     width: int | None = Field(
         None, ge=8, description="Model width (dim), overriding the flavor's; heads follow from its "
@@ -390,6 +396,14 @@ class ModelSpec(Strict):
         hint = f" The nearest in size is {close!r}." if close else ""
         raise ValueError(f"unknown model flavor {v!r}.{hint} Use one of: tiny, {', '.join(FLAVORS)} "
                          "(named by their real parameter count)")
+
+    @model_validator(mode="after")
+    def _zero_readout_untied(self) -> ModelSpec:
+        if self.zero_init_readout and self.tie_embeddings:
+            raise ValueError("model.zero_init_readout: a tied readout is the token embedding, and zeroing "
+                             "it would zero the input too; set model.tie_embeddings: false or drop "
+                             "zero_init_readout")
+        return self
 
     @model_validator(mode="after")
     def _shape(self) -> ModelSpec:

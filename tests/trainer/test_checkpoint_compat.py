@@ -84,12 +84,13 @@ def test_safe_changes_are_sorted_into_applied_and_kept_from_the_checkpoint() -> 
     job = spec(training={"steps": 900, "log_interval": 5}, schedule={"warmup_steps": 7},
                metrics={"port": 9999}, optimizer={"lr": 1e-3, "betas": [0.8, 0.9], "grad_clip_norm": 0.5},
                resources={"procs_per_node": 2}, parallelism={"tensor_parallel_degree": 2},
-               model={"init_std": 0.01})
+               model={"init_std": 0.01, "zero_init_query": True})
     result = resume(saved(spec()), job)
     assert result.incompatible == ()
     assert {str(c) for c in result.kept} == {"optimizer.lr 0.003 -> 0.001",
                                              "optimizer.betas [0.9, 0.95] -> [0.8, 0.9]",
-                                             "model.init_std 0.02 -> 0.01"}
+                                             "model.init_std 0.02 -> 0.01",
+                                             "model.zero_init_query False -> True"}
     assert {c.field for c in result.applied} == {
         "training.steps", "training.log_interval", "schedule.warmup_steps", "metrics.port",
         "optimizer.grad_clip_norm", "resources.procs_per_node", "parallelism.tensor_parallel_degree"}

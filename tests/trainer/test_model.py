@@ -204,6 +204,30 @@ def test_init_stds(mup: bool) -> None:
     assert model.output.weight.std().item() == pytest.approx(0.02, rel=0.02)
 
 
+def test_zero_init_readout_and_query() -> None:
+    """Tensor Programs V's zero readout and query: logits 0 and uniform attention at init,
+    the other weights as without the flags (same seed), and both matrices learn at once."""
+    args = small_args(zero_init_readout=True, zero_init_query=True)
+    model, plain = build(args), build(dataclasses.replace(args, zero_init_readout=False,
+                                                            zero_init_query=False))
+    zeroed = {"output.weight"} | {n for n, _ in model.named_parameters() if n.endswith("wq.weight")}
+    assert len(zeroed) == 1 + args.n_layers
+    reference = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        if name in zeroed:
+            assert not p.any(), name
+            assert reference[name].any(), name
+        else:
+            assert torch.equal(p, reference[name]), name
+    tokens = torch.randint(0, 256, (2, 16))
+    logits = model(tokens)
+    assert not logits.detach().any()
+    F.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    assert model.output.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="untied"):
+        small_args(zero_init_readout=True, tie_word_embeddings=True)
+
+
 def test_mup_equals_sp_at_base_shape() -> None:
     # At m = L = 1 with unit alphas and standard attention, muP and SP are one model.
     args = small_args(base_dim=64, base_depth=2, input_alpha=1.0, output_alpha=1.0)

@@ -39,7 +39,8 @@ FIELDS = st.fixed_dictionaries({}, optional={
     "model": st.fixed_dictionaries({}, optional={
         "mup": st.booleans(), "attention_scale": st.sampled_from(["mup", "standard"]),
         "input_alpha": POSITIVE, "output_alpha": POSITIVE, "depth_alpha_exp": UNIT, "init_std": POSITIVE,
-        "tie_embeddings": st.booleans(), "width": st.sampled_from([8, 16, 24, 32, 48, 64, 96, 100, 128]),
+        "tie_embeddings": st.booleans(), "zero_init_readout": st.booleans(),
+        "zero_init_query": st.booleans(), "width": st.sampled_from([8, 16, 24, 32, 48, 64, 96, 100, 128]),
         "depth": st.integers(0, 6)}),
     "schedule": st.fixed_dictionaries({}, optional={
         "warmup_steps": st.integers(-1, 12), "decay_type": st.sampled_from(["linear", "sqrt", "cosine"]),

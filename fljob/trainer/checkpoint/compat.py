@@ -19,8 +19,8 @@ incompatible (refused, exit 2)
 kept from the checkpoint (allowed, warned)
     ``optimizer.lr``, ``betas``, ``eps``, ``weight_decay`` and ``nus`` live in the
     optimizer's parameter groups and the LR scheduler's base rates, which the checkpoint
-    restores: the new value has no effect on a resumed run. ``model.init_std`` only
-    initialises a fresh model.
+    restores: the new value has no effect on a resumed run. ``model.init_std`` and
+    ``model.zero_init_readout``/``zero_init_query`` only initialise a fresh model.
 applied (allowed, logged)
     everything else: ``training.steps`` (the decay follows the new length), schedule,
     logging, metrics, validation, checkpoint interval and retention, gradient clipping,
@@ -50,7 +50,8 @@ VOCAB_SIZE = "vocab_size"
 """Not a spec field: the run's tokenizer decides it (``data.tokenizer`` or the bundled one)."""
 
 KEPT_FROM_CHECKPOINT = frozenset({"optimizer.lr", "optimizer.betas", "optimizer.eps",
-                                  "optimizer.weight_decay", "optimizer.nus", "model.init_std"})
+                                  "optimizer.weight_decay", "optimizer.nus", "model.init_std",
+                                  "model.zero_init_readout", "model.zero_init_query"})
 """Spec fields whose new value a resumed run does not use (see the module docstring)."""
 
 UNSHOWN_VALUES = ("env.", "secret_env.", "storage.")

@@ -57,6 +57,8 @@ class ModelArgs:
     depth_alpha: float = 1.0
     init_std: float = 0.02
     emb_init_std: float = 0.02
+    zero_init_readout: bool = False
+    zero_init_query: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +86,8 @@ class ModelArgs:
             raise ValueError(f"depth_alpha must lie in [0, 1], got {self.depth_alpha}")
         if self.init_std <= 0 or self.emb_init_std <= 0:
             raise ValueError("init_std and emb_init_std must be positive")
+        if self.zero_init_readout and self.tie_word_embeddings:
+            raise ValueError("zero_init_readout needs untied embeddings (a tied readout is the input)")
 
     # ---- shape -------------------------------------------------------------------------
     @property

@@ -125,6 +125,8 @@ def args_for_spec(spec: JobSpec, vocab_size: int) -> ModelArgs:
         output_alpha=m.output_alpha,
         depth_alpha=m.depth_alpha_exp,
         init_std=m.init_std,
+        zero_init_readout=m.zero_init_readout,
+        zero_init_query=m.zero_init_query,
         tie_word_embeddings=m.tie_embeddings,
         use_embedding_norm=shaped.use_embedding_norm if m.embedding_norm is None else m.embedding_norm,
         use_peri_norm=shaped.use_peri_norm if m.peri_norm is None else m.peri_norm,

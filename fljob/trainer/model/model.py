@@ -112,10 +112,12 @@ class TransformerBlock(nn.Module):
 
     def init_weights(self, args: ModelArgs) -> None:
         """Hidden matrices N(0, std^2), std from each matrix's own fan-in ratio (w2 reads
-        the FFN width, the others the residual stream); norm gains 1."""
+        the FFN width, the others the residual stream), wq zero if asked; norm gains 1."""
         for linear in (self.attention.wq, self.attention.wk, self.attention.wv,
                        self.attention.wo, self.feed_forward.w1, self.feed_forward.w3):
             nn.init.normal_(linear.weight, mean=0.0, std=args.hidden_init_std)
+        if args.zero_init_query:
+            nn.init.zeros_(self.attention.wq.weight)
         nn.init.normal_(self.feed_forward.w2.weight, mean=0.0, std=args.ffn_out_init_std)
         for norm in (self.attention_norm, self.ffn_norm, self.post_attn_norm, self.post_ffn_norm):
             if norm is not None:
@@ -171,6 +173,8 @@ class MuPTransformer(nn.Module):
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=args.emb_init_std)
         if not args.tie_word_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=args.init_std)
+        if args.zero_init_readout:  # drawn first: a seed gives the other weights either way
+            nn.init.zeros_(self.output.weight)
         for norm in (self.embedding_norm, self.norm):
             if norm is not None:
                 norm.reset_parameters()
