@@ -29,7 +29,13 @@ from fljob.trainer.train_spec import build_mup_optimizers
 
 UNIT = st.floats(-0.1, 1.2, allow_nan=False)
 POSITIVE = st.one_of(st.floats(1e-9, 10.0), st.sampled_from([0.0, -1e-3, 1e-12]))
-FIELDS = st.fixed_dictionaries({}, optional={
+# The trainer is built on this CPU, so every spec says device cpu (under "auto" the spec rightly
+# accepts the CUDA-only fused optimizer, which this machine cannot build).
+FIELDS = st.fixed_dictionaries({
+    "training": st.fixed_dictionaries({"device": st.just("cpu")}, optional={
+        "steps": st.integers(0, 12), "seq_len": st.integers(4, 96), "local_batch_size": st.integers(0, 4),
+        "validation_interval": st.one_of(st.none(), st.integers(0, 5))}),
+}, optional={
     "optimizer": st.fixed_dictionaries({}, optional={
         "name": st.sampled_from(["adopt", "qhadamw", "qhadopt", "decoupled_adamw", "adamw"]),
         "lr": POSITIVE, "eps": POSITIVE, "weight_decay": st.floats(-0.1, 1.0, allow_nan=False),
@@ -45,9 +51,6 @@ FIELDS = st.fixed_dictionaries({}, optional={
     "schedule": st.fixed_dictionaries({}, optional={
         "warmup_steps": st.integers(-1, 12), "decay_type": st.sampled_from(["linear", "sqrt", "cosine"]),
         "decay_ratio": st.one_of(st.none(), UNIT), "min_lr_factor": UNIT}),
-    "training": st.fixed_dictionaries({"device": st.just("cpu")}, optional={
-        "steps": st.integers(0, 12), "seq_len": st.integers(4, 96), "local_batch_size": st.integers(0, 4),
-        "validation_interval": st.one_of(st.none(), st.integers(0, 5))}),
 })
 
 
