@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -257,6 +258,7 @@ def test_leaked_shared_memory_of_this_job_is_released(tmp_path: Path) -> None:
     from multiprocessing import shared_memory
     from tempfile import gettempdir
 
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
     from streaming.base.shared.prefix import _get_path, _pack_locals
 
     dest = _prepare(tmp_path, "alpha")
@@ -266,7 +268,8 @@ def test_leaked_shared_memory_of_this_job_is_released(tmp_path: Path) -> None:
     # empties /tmp but not the pod's /dev/shm) claims the restarted run's cache folder.
     taken = set(registered_locals())
     free = [p for p in range(10000) if p not in taken
-            and not Path(gettempdir(), _get_path(p, "barrier_filelock")).exists()][:2]
+            and not any(Path(gettempdir(), _get_path(p, lock)).exists()
+                        for lock in (BARRIER_FILELOCK, CACHE_FILELOCK))][:2]
     blocks = []
     for prefix, local in zip(free, (ours, theirs), strict=True):
         data = _pack_locals([local], prefix)
@@ -286,6 +289,145 @@ def test_leaked_shared_memory_of_this_job_is_released(tmp_path: Path) -> None:
                 block.unlink()
             except FileNotFoundError:
                 pass
+
+
+# Six single-rank jobs and three two-rank jobs: the trials of a packed sweep, and a multi-GPU
+# run that shares the host with them. Without the registration lock 1-4 of 12 processes
+# started this way failed with FileExistsError on this 2-core machine in every run.
+STARTING_JOBS = (1, 1, 1, 1, 1, 1, 2, 2, 2)
+
+
+def _registering_worker(job: int, rank: int, world: int, port: int, dest: str, cache: str,
+                        start, results) -> None:
+    """One rank of one job: build a loader the moment every process is ready, draw a batch."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from fljob.trainer.data.shared_memory import release_prefix
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if world > 1:  # a leader that fails must not leave its peer at streaming's barrier for long
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    start.wait()
+    loader = None
+    try:
+        loader = _loader([StreamSource(dest, f"{cache}/{job}")], batch=2, dp_rank=rank,
+                         dp_world=world)
+        next(iter(loader))
+        results.put((job, rank, "ok"))
+    except Exception as exc:  # noqa: BLE001 - reported to the test, which names it
+        results.put((job, rank, f"{type(exc).__name__}: {exc}"))
+    if world > 1:
+        end_process_group(all_ranks_here=loader is not None)
+    if loader is not None and rank == 0:  # forkserver children skip atexit, streaming's cleaner
+        release_prefix(loader.dataset._shm_prefix_int)
+
+
+def _forkserver():
+    """Children forked from one process that imported torch, torchtitan and streaming once:
+    a dozen spawned interpreters would spend half a minute importing them on two cores. (The
+    server does not get the test's sys.path, so it preloads what this module imports.)"""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["pytest", "fljob.trainer.data.builder",
+                                    "fljob.trainer.data.streaming"])
+    return context
+
+
+@pytest.mark.slow
+def test_jobs_starting_together_each_register_their_datasets(tmp_path: Path) -> None:
+    """Streaming picks the lowest free shared-memory prefix, then creates it: two jobs starting
+    in the same instant picked the same one and one failed. The host-wide registration lock
+    gives each its own."""
+    dest = _prepare(tmp_path, "alpha")
+    context = _forkserver()
+    ranks = [(job, rank, world) for job, world in enumerate(STARTING_JOBS) for rank in range(world)]
+    start, results = context.Barrier(len(ranks)), context.Queue()
+    ports = [free_port() for _ in STARTING_JOBS]
+    processes = [context.Process(target=_registering_worker, args=(
+        job, rank, world, ports[job], str(dest), str(tmp_path / "cache"), start, results))
+        for job, rank, world in ranks]
+    for process in processes:
+        process.start()
+    outcomes = sorted(results.get(timeout=240) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    failed = [outcome for outcome in outcomes if outcome[2] != "ok"]
+    assert not failed, f"{len(failed)} of {len(ranks)} ranks failed to start: {failed[:3]}"
+    assert [process.exitcode for process in processes] == [0] * len(ranks)
+
+
+def _two_host_worker(rank: int, port: int, lock_dirs: list[str], marks: str) -> None:
+    """Rank ``rank`` of a job on two hosts: each rank leads its own, with its own lock file."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from fljob.trainer.data.shared_memory import registration_lock
+
+    tempfile.tempdir = lock_dirs[rank]
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    Path(marks, f"started-{rank}").touch()
+    with registration_lock():
+        Path(marks, f"registered-{rank}").touch()
+    end_process_group()
+
+
+@pytest.mark.slow
+def test_a_multi_host_job_never_sits_on_one_host_lock_waiting_for_another(tmp_path: Path) -> None:
+    """Two multi-node jobs sharing hosts A and B would deadlock if each held one host's lock
+    and waited for the other's. While another job holds B, this job's leader on A must keep
+    letting A go, and it registers as soon as both are free."""
+    import fcntl
+
+    from fljob.trainer.data.shared_memory import REGISTRATION_LOCK
+
+    lock_dirs = [tmp_path / "host-a", tmp_path / "host-b"]
+    marks = tmp_path / "marks"
+    for folder in (*lock_dirs, marks):
+        folder.mkdir()
+    a, b = (os.open(d / REGISTRATION_LOCK, os.O_RDONLY | os.O_CREAT) for d in lock_dirs)
+    try:
+        fcntl.flock(b, fcntl.LOCK_EX)  # another job is registering on host B
+        port, context = free_port(), _forkserver()
+        job = [context.Process(target=_two_host_worker,
+                               args=(rank, port, list(map(str, lock_dirs)), str(marks)))
+               for rank in range(2)]
+        for process in job:
+            process.start()
+        deadline = time.monotonic() + 120
+        while len(list(marks.glob("started-*"))) < 2:
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)  # the job is trying: its leader on A takes A, sees B missing, ...
+        deadline = time.monotonic() + 10
+        while not _try_flock(a):  # ... and lets A go again (the test takes it in a gap)
+            assert time.monotonic() < deadline, "the leader on host A kept its lock"
+            time.sleep(0.005)
+        assert not list(marks.glob("registered-*"))  # nobody registered without both hosts
+        fcntl.flock(a, fcntl.LOCK_UN)
+        fcntl.flock(b, fcntl.LOCK_UN)
+        for process in job:
+            process.join(timeout=60)
+        assert [process.exitcode for process in job] == [0, 0]
+        assert sorted(p.name for p in marks.glob("registered-*")) == ["registered-0",
+                                                                     "registered-1"]
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def _try_flock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ fljob data prepare CLI

@@ -14,23 +14,38 @@ Two ways to clean, chosen by whether the node's shared memory is this job's alon
   folders are this job's, so another job's live dataset is never touched.
 
 Runs on local rank 0 while the node's other ranks wait at a barrier.
+
+Registering a dataset is a race between processes of different jobs on one host: every rank
+walks the prefixes to the lowest free one, then the local leader creates its ``_locals``
+block. Two jobs starting in the same instant (packed sweep trials, SLURM jobs sharing a node)
+pick the same prefix and one fails with ``FileExistsError: '/0000NN_locals'``.
+:func:`registration_lock` gives one job at a time the host to itself for that walk.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from multiprocessing import shared_memory
 from pathlib import Path
 from tempfile import gettempdir
 
+import torch
 from torch import distributed as dist
 
 from fljob.trainer.data.streaming_compat import import_streaming
 
 SHM_DIR = Path("/dev/shm")
 LOCALS_BLOCK = re.compile(r"^(\d{6})_locals$")
+REGISTRATION_LOCK = "fljob-streaming-registration.lock"
+"""In the temp folder, beside streaming's own file locks; every fljob job on the host uses it."""
+RETRY_PAUSE_S = (0.01, 1.0)
+"""First and longest random pause before the leaders of a multi-node job try again."""
 
 
 def registered_locals() -> dict[int, list[str]]:
@@ -94,3 +109,68 @@ def clean_shared_memory(cache_dirs: Iterable[str], exclusive: bool) -> None:
         release_leaked(cache_dirs)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def registration_lock() -> Iterator[None]:
+    """Hold the host's registration lock while a streaming dataset is built.
+
+    The local leader (``LOCAL_RANK`` 0) takes an exclusive ``flock``; in a distributed job the
+    other ranks wait for it before they walk the prefixes. It covers the whole constructor
+    (streaming has no narrower hook), so the streams' small index files are fetched under it
+    too. Closing the file releases the lock, and so does the death of the process: a crashed
+    job never leaves the host locked. ``flock`` needs only read access, so the file is opened
+    read-only and made readable by all: jobs of different users share it.
+    """
+    leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    fd = _open_lock_file() if leader else None
+    try:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _lock_on_every_host(fd)
+        elif fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock_on_every_host(fd: int | None) -> None:
+    """Every host's leader holds its lock, or none does.
+
+    A leader that got its lock while another host's did not lets go, and all try again after
+    a random pause: two multi-node jobs that share hosts then never hold one lock each while
+    waiting for the other's. A collective, so every rank of the job calls it.
+    """
+    pause, longest = RETRY_PAUSE_S
+    jitter = random.SystemRandom()  # not the seeded generator: two trials must not pause alike
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if "gloo" not in str(dist.get_backend()) and torch.cuda.is_available()
+              else torch.device("cpu"))
+    while True:
+        held = fd is None or _try_lock(fd)
+        missing = torch.tensor([0 if held else 1], dtype=torch.int32, device=device)
+        dist.all_reduce(missing, op=dist.ReduceOp.MAX)
+        if not missing.item():
+            return
+        if fd is not None and held:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        time.sleep(jitter.uniform(0, pause))
+        pause = min(2 * pause, longest)
+
+
+def _open_lock_file() -> int:
+    fd = os.open(Path(gettempdir(), REGISTRATION_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        os.fchmod(fd, 0o644)  # past a strict umask, for the next user's jobs
+    except PermissionError:
+        pass  # another user created it, and it is readable, or open would have failed
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

@@ -29,6 +29,7 @@ import torch
 from torchtitan.components.dataloader import BaseDataLoader
 
 from fljob.trainer.data.mds_prepare import TOKENS_COLUMN
+from fljob.trainer.data.shared_memory import registration_lock
 from fljob.trainer.data.streaming_compat import import_streaming
 
 
@@ -70,10 +71,11 @@ class StreamingTokenLoader(BaseDataLoader):
         replication = replication_for(dp_rank, dp_world)
         streams = [streaming.Stream(remote=s.uri, local=s.cache_dir, proportion=s.proportion)
                    for s in sources]
-        self.dataset = streaming.StreamingDataset(
-            streams=streams, batch_size=batch_size, shuffle=True, shuffle_seed=seed,
-            predownload=predownload, cache_limit=cache_limit,
-            replication=replication if replication > 1 else None)
+        with registration_lock():  # one job at a time picks a shared-memory prefix
+            self.dataset = streaming.StreamingDataset(
+                streams=streams, batch_size=batch_size, shuffle=True, shuffle_seed=seed,
+                predownload=predownload, cache_limit=cache_limit,
+                replication=replication if replication > 1 else None)
         self.loader = streaming.StreamingDataLoader(
             self.dataset, batch_size=batch_size, collate_fn=stack_tokens, drop_last=True,
             num_workers=num_workers, persistent_workers=num_workers > 0)
