@@ -304,7 +304,7 @@ def _registering_worker(job: int, rank: int, world: int, port: int, dest: str, c
 
     import torch.distributed as dist
 
-    from fljob.trainer.data.shared_memory import release_prefix
+    from fljob.trainer.data.shared_memory import host_lock, release_prefix
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -322,7 +322,8 @@ def _registering_worker(job: int, rank: int, world: int, port: int, dest: str, c
     if world > 1:
         end_process_group(all_ranks_here=loader is not None)
     if loader is not None and rank == 0:  # forkserver children skip atexit, streaming's cleaner
-        release_prefix(loader.dataset._shm_prefix_int)
+        with host_lock():  # as fljob frees a prefix: never while another job's ranks walk them
+            release_prefix(loader.dataset._shm_prefix_int)
 
 
 def _forkserver():
@@ -348,14 +349,25 @@ def test_jobs_starting_together_each_register_their_datasets(tmp_path: Path) -> 
     processes = [context.Process(target=_registering_worker, args=(
         job, rank, world, ports[job], str(dest), str(tmp_path / "cache"), start, results))
         for job, rank, world in ranks]
-    for process in processes:
-        process.start()
-    outcomes = sorted(results.get(timeout=240) for _ in processes)
-    for process in processes:
-        process.join(timeout=60)
+    try:
+        for process in processes:
+            process.start()
+        outcomes = sorted(results.get(timeout=240) for _ in processes)
+        for process in processes:
+            process.join(timeout=60)
+    finally:
+        _stop(processes)
     failed = [outcome for outcome in outcomes if outcome[2] != "ok"]
     assert not failed, f"{len(failed)} of {len(ranks)} ranks failed to start: {failed[:3]}"
     assert [process.exitcode for process in processes] == [0] * len(ranks)
+
+
+def _stop(processes) -> None:
+    """Kill what a failed test left running, so no rank outlives it."""
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _two_host_worker(rank: int, port: int, lock_dirs: list[str], marks: str) -> None:
@@ -390,12 +402,12 @@ def test_a_multi_host_job_never_sits_on_one_host_lock_waiting_for_another(tmp_pa
     for folder in (*lock_dirs, marks):
         folder.mkdir()
     a, b = (os.open(d / REGISTRATION_LOCK, os.O_RDONLY | os.O_CREAT) for d in lock_dirs)
+    port, context = free_port(), _forkserver()
+    job = [context.Process(target=_two_host_worker,
+                           args=(rank, port, list(map(str, lock_dirs)), str(marks)))
+           for rank in range(2)]
     try:
         fcntl.flock(b, fcntl.LOCK_EX)  # another job is registering on host B
-        port, context = free_port(), _forkserver()
-        job = [context.Process(target=_two_host_worker,
-                               args=(rank, port, list(map(str, lock_dirs)), str(marks)))
-               for rank in range(2)]
         for process in job:
             process.start()
         deadline = time.monotonic() + 120
@@ -416,6 +428,7 @@ def test_a_multi_host_job_never_sits_on_one_host_lock_waiting_for_another(tmp_pa
         assert sorted(p.name for p in marks.glob("registered-*")) == ["registered-0",
                                                                      "registered-1"]
     finally:
+        _stop(job)
         os.close(a)
         os.close(b)
 

@@ -18,8 +18,11 @@ Runs on local rank 0 while the node's other ranks wait at a barrier.
 Registering a dataset is a race between processes of different jobs on one host: every rank
 walks the prefixes to the lowest free one, then the local leader creates its ``_locals``
 block. Two jobs starting in the same instant (packed sweep trials, SLURM jobs sharing a node)
-pick the same prefix and one fails with ``FileExistsError: '/0000NN_locals'``.
-:func:`registration_lock` gives one job at a time the host to itself for that walk.
+pick the same prefix and one fails with ``FileExistsError: '/0000NN_locals'``; a prefix freed
+between the leader's walk and another rank's makes the two disagree. :func:`registration_lock`
+gives one job at a time the host to itself for that walk, and fljob frees prefixes only under
+the same lock. (Streaming's own clean-up at exit does not take it; it frees nothing a walk
+sees once the dataset has been iterated, since its file locks in the temp folder stay.)
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import random
 import re
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from multiprocessing import shared_memory
 from pathlib import Path
 from tempfile import gettempdir
@@ -106,7 +109,8 @@ def clean_shared_memory(cache_dirs: Iterable[str], exclusive: bool) -> None:
         clean_stale_shared_memory()  # local rank 0 cleans, then it barriers itself
         return
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        release_leaked(cache_dirs)
+        with host_lock():  # never free a prefix while another job's ranks walk the prefixes
+            release_leaked(cache_dirs)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -115,24 +119,38 @@ def clean_shared_memory(cache_dirs: Iterable[str], exclusive: bool) -> None:
 def registration_lock() -> Iterator[None]:
     """Hold the host's registration lock while a streaming dataset is built.
 
-    The local leader (``LOCAL_RANK`` 0) takes an exclusive ``flock``; in a distributed job the
-    other ranks wait for it before they walk the prefixes. It covers the whole constructor
+    The local leader (``LOCAL_RANK`` 0) takes it; in a distributed job the other ranks wait
+    for it before they walk the prefixes (each walks them itself, so what it sees must not
+    change between the leader's walk and its own). It covers the whole constructor
     (streaming has no narrower hook), so the streams' small index files are fetched under it
-    too. Closing the file releases the lock, and so does the death of the process: a crashed
-    job never leaves the host locked. ``flock`` needs only read access, so the file is opened
-    read-only and made readable by all: jobs of different users share it.
+    too.
     """
-    leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    fd = _open_lock_file() if leader else None
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        with host_lock() if int(os.environ.get("LOCAL_RANK", "0")) == 0 else nullcontext():
+            yield
+        return
+    fd = _open_lock_file() if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
     try:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            _lock_on_every_host(fd)
-        elif fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock_on_every_host(fd)
         yield
     finally:
         if fd is not None:
             os.close(fd)
+
+
+@contextmanager
+def host_lock() -> Iterator[None]:
+    """This process holds the host's registration lock (an exclusive ``flock``).
+
+    Taken to register a dataset and to free a prefix. Closing the file releases it, and so
+    does the death of the process: a crashed job never leaves the host locked.
+    """
+    fd = _open_lock_file()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _lock_on_every_host(fd: int | None) -> None:
@@ -160,6 +178,8 @@ def _lock_on_every_host(fd: int | None) -> None:
 
 
 def _open_lock_file() -> int:
+    """``flock`` needs only read access: opened read-only and made readable by all, one file
+    serves the jobs of every user."""
     fd = os.open(Path(gettempdir(), REGISTRATION_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         os.fchmod(fd, 0o644)  # past a strict umask, for the next user's jobs
