@@ -108,7 +108,7 @@ def clean_shared_memory(cache_dirs: Iterable[str], exclusive: bool) -> None:
 
         clean_stale_shared_memory()  # local rank 0 cleans, then it barriers itself
         return
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if _is_local_leader():
         with host_lock():  # never free a prefix while another job's ranks walk the prefixes
             release_leaked(cache_dirs)
     if dist.is_available() and dist.is_initialized():
@@ -126,10 +126,10 @@ def registration_lock() -> Iterator[None]:
     too.
     """
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        with host_lock() if int(os.environ.get("LOCAL_RANK", "0")) == 0 else nullcontext():
+        with host_lock() if _is_local_leader() else nullcontext():
             yield
         return
-    fd = _open_lock_file() if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
+    fd = _open_lock_file() if _is_local_leader() else None
     try:
         _lock_on_every_host(fd)
         yield
@@ -175,6 +175,10 @@ def _lock_on_every_host(fd: int | None) -> None:
             fcntl.flock(fd, fcntl.LOCK_UN)
         time.sleep(jitter.uniform(0, pause))
         pause = min(2 * pause, longest)
+
+
+def _is_local_leader() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def _open_lock_file() -> int:
