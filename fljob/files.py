@@ -10,9 +10,11 @@ cause in words, and the CLI exits 2.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,3 +101,32 @@ def check_writable(folder: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise WriteError(folder, exc) from None
+
+
+def open_lock_file(path: Path) -> int:
+    """A descriptor to ``flock`` ``path`` through, the file created if it is missing.
+
+    ``flock`` needs only read access, so the file is opened read-only and made readable by
+    all: one lock file serves the processes of every user (a host-wide lock in the temp folder).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        os.fchmod(fd, 0o644)  # past a strict umask, for the next user's processes
+    except PermissionError:
+        pass  # another user's file, and readable, or open would have failed
+    return fd
+
+
+@contextmanager
+def held_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` while the block runs (waiting for it first).
+
+    Closing the file drops it, and so does the death of the process: a crash never leaves
+    it held.
+    """
+    fd = open_lock_file(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import fcntl
 import io
 import json
 import os
@@ -46,6 +45,7 @@ from fljob.backends.slurm_render import check, render
 from fljob.doctor import slurm_checks as doctor_checks
 from fljob.errors import UsageError
 from fljob.exitcodes import DIVERGED, REQUEUE
+from fljob.files import held_lock
 from fljob.spec import JobSpec
 from fljob.spec.sweep import SWEEP_INDEX_FILE
 
@@ -177,8 +177,7 @@ def user_index_path() -> Path:
 def _locked_json(path: Path, default: Any) -> Iterator[list[Any]]:
     """Read-modify-write a JSON file under an exclusive lock, replaced atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with held_lock(path.with_name(f".{path.name}.lock")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -395,13 +395,14 @@ def test_a_multi_host_job_never_sits_on_one_host_lock_waiting_for_another(tmp_pa
     letting A go, and it registers as soon as both are free."""
     import fcntl
 
+    from fljob.files import open_lock_file
     from fljob.trainer.data.shared_memory import REGISTRATION_LOCK
 
     lock_dirs = [tmp_path / "host-a", tmp_path / "host-b"]
     marks = tmp_path / "marks"
     for folder in (*lock_dirs, marks):
         folder.mkdir()
-    a, b = (os.open(d / REGISTRATION_LOCK, os.O_RDONLY | os.O_CREAT) for d in lock_dirs)
+    a, b = (open_lock_file(d / REGISTRATION_LOCK) for d in lock_dirs)
     port, context = free_port(), _forkserver()
     job = [context.Process(target=_two_host_worker,
                            args=(rank, port, list(map(str, lock_dirs)), str(marks)))

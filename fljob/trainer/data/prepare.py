@@ -16,13 +16,11 @@ in the same ``run_dir`` reuses the files while they match its tokenizer and voca
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from fljob.files import held_lock
 from fljob.spec.models import JobSpec
 from fljob.trainer.data.split import split_documents
 from fljob.trainer.data.text import bundled_documents, bundled_source
@@ -69,7 +67,7 @@ def prepare_bundled_text(spec: JobSpec, vocab_size: int) -> TokenFileInfo:
     """
     directory = data_dir(spec)
     directory.mkdir(parents=True, exist_ok=True)
-    with _locked(directory / ".prepare.lock"):
+    with held_lock(directory / ".prepare.lock"):
         tok_path = tokenizer_path(spec)
         train, validation = split_documents(bundled_documents(), BUNDLED_VALIDATION_FRACTION)
         if spec.data.tokenizer is None and not _trained_with_size(tok_path, vocab_size):
@@ -113,7 +111,7 @@ def prepare_stream_tokenizer(spec: JobSpec) -> Path:
     uri = spec.data.tokenizer or storage.join(spec.data.streams[0].uri, TOKENIZER_FILE)
     directory = data_dir(spec)
     directory.mkdir(parents=True, exist_ok=True)
-    with _locked(directory / ".prepare.lock"):
+    with held_lock(directory / ".prepare.lock"):
         data = storage.read_bytes(uri)
         if data is None:
             raise UsageError(f"no tokenizer at {uri}: set data.tokenizer, or prepare the "
@@ -129,11 +127,3 @@ def _trained_with_size(path: Path, vocab_size: int) -> bool:
     return path.exists() and TokenizerFile(path).get_vocab_size() == vocab_size
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -33,7 +33,7 @@ import random
 import re
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from multiprocessing import shared_memory
 from pathlib import Path
 from tempfile import gettempdir
@@ -41,6 +41,7 @@ from tempfile import gettempdir
 import torch
 from torch import distributed as dist
 
+from fljob.files import held_lock, open_lock_file
 from fljob.trainer.data.streaming_compat import import_streaming
 
 SHM_DIR = Path("/dev/shm")
@@ -129,7 +130,7 @@ def registration_lock() -> Iterator[None]:
         with host_lock() if _is_local_leader() else nullcontext():
             yield
         return
-    fd = _open_lock_file() if _is_local_leader() else None
+    fd = open_lock_file(_lock_path()) if _is_local_leader() else None
     try:
         _lock_on_every_host(fd)
         yield
@@ -138,19 +139,10 @@ def registration_lock() -> Iterator[None]:
             os.close(fd)
 
 
-@contextmanager
-def host_lock() -> Iterator[None]:
-    """This process holds the host's registration lock (an exclusive ``flock``).
-
-    Taken to register a dataset and to free a prefix. Closing the file releases it, and so
-    does the death of the process: a crashed job never leaves the host locked.
-    """
-    fd = _open_lock_file()
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def host_lock() -> AbstractContextManager[None]:
+    """This process holds the host's registration lock: to register a dataset, to free a
+    prefix. The death of the process drops it: a crashed job never leaves the host locked."""
+    return held_lock(_lock_path())
 
 
 def _lock_on_every_host(fd: int | None) -> None:
@@ -181,15 +173,8 @@ def _is_local_leader() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
-def _open_lock_file() -> int:
-    """``flock`` needs only read access: opened read-only and made readable by all, one file
-    serves the jobs of every user."""
-    fd = os.open(Path(gettempdir(), REGISTRATION_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
-    try:
-        os.fchmod(fd, 0o644)  # past a strict umask, for the next user's jobs
-    except PermissionError:
-        pass  # another user created it, and it is readable, or open would have failed
-    return fd
+def _lock_path() -> Path:
+    return Path(gettempdir(), REGISTRATION_LOCK)  # read now: a test points the temp folder away
 
 
 def _try_lock(fd: int) -> bool:
